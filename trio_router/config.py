@@ -1,0 +1,232 @@
+"""Configuration: frozen dataclasses, filled from defaults < TOML file < command line.
+
+Each field's metadata carries its ``--help`` text, so the dataclass is the single
+place an option is declared. Unknown TOML keys and out-of-range values are
+errors that list every problem at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+from .policies import POLICY_NAMES
+
+MiB = 1024 * 1024
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with its command-line help text."""
+    if isinstance(default, list):
+        default = tuple(default)
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouterConfig:
+    """Everything ``trio-router serve`` can be told."""
+
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(30000, "port to listen on (0 picks a free one)")
+    worker_urls: tuple[str, ...] = option((), "SGLang worker URLs to start with", nargs="*")
+    policy: str = option(
+        "least_inflight", "routing policy (manual is an alias of sticky)", choices=POLICY_NAMES
+    )
+    health_check_interval: float = option(10.0, "seconds between health probes of each worker")
+    health_check_timeout: float = option(5.0, "seconds before one health probe counts as failed")
+    health_check_failure_threshold: int = option(3, "consecutive failures that quarantine a worker")
+    health_check_success_threshold: int = option(
+        2, "consecutive probe successes that re-admit a quarantined worker"
+    )
+    health_check_endpoint: str = option("/health", "worker path probed for health")
+    max_retries: int = option(
+        2, "extra attempts on another worker when a request provably never reached the first"
+    )
+    request_timeout: float = option(
+        3600.0, "total seconds one proxied request may take, streaming included (0 = no limit)"
+    )
+    connect_timeout: float = option(5.0, "seconds to open a connection to a worker")
+    max_connections: int = option(1024, "upstream connections kept open to all workers together")
+    keepalive_expiry: float = option(
+        4.0, "seconds an idle upstream connection is kept (below SGLang's 5 s keep-alive)"
+    )
+    max_body_size: int = option(32 * MiB, "largest request body accepted, in bytes (413 beyond)")
+    graceful_timeout: float = option(
+        30.0, "seconds in-flight requests get to finish on SIGTERM/SIGINT"
+    )
+    sticky_ttl: float = option(3600.0, "seconds an idle routing key stays pinned (sticky)")
+    sticky_spill_factor: float = option(
+        1.5, "a worker takes new pins only below this multiple of the mean pin count (sticky)"
+    )
+    hash_load_factor: float = option(
+        1.25, "bounded load of consistent_hash: multiple of the mean in-flight count"
+    )
+    prometheus_port: int | None = option(
+        None, "serve Prometheus metrics on this extra port too (always at /prometheus)"
+    )
+    prometheus_host: str = option("127.0.0.1", "address of the Prometheus listener")
+    middleware_paths: tuple[str, ...] = option(
+        (), "dotted paths of middleware classes, applied in order", nargs="*"
+    )
+    seed: int | None = option(None, "seed for the policies' tie-breaking (reproducible runs)")
+    log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
+    verbose: bool = option(False, "log one line per request")
+
+    def problems(self) -> list[str]:
+        found = []
+        if not 0 <= self.port <= 65535:
+            found.append(f"port must be 0..65535, not {self.port}")
+        if self.policy not in POLICY_NAMES:
+            found.append(f"policy must be one of {', '.join(POLICY_NAMES)}, not {self.policy!r}")
+        for name in (
+            "health_check_interval",
+            "health_check_timeout",
+            "connect_timeout",
+            "sticky_ttl",
+        ):
+            if getattr(self, name) <= 0:
+                found.append(f"{name} must be > 0")
+        for name in ("request_timeout", "graceful_timeout", "keepalive_expiry"):
+            if getattr(self, name) < 0:
+                found.append(f"{name} must be >= 0")
+        for name in (
+            "health_check_failure_threshold",
+            "health_check_success_threshold",
+            "max_connections",
+            "max_body_size",
+        ):
+            if getattr(self, name) < 1:
+                found.append(f"{name} must be >= 1")
+        if self.max_retries < 0:
+            found.append("max_retries must be >= 0")
+        if self.sticky_spill_factor < 1 or self.hash_load_factor < 1:
+            found.append("sticky_spill_factor and hash_load_factor must be >= 1")
+        if not self.health_check_endpoint.startswith("/"):
+            found.append("health_check_endpoint must start with /")
+        if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:
+            found.append(f"prometheus_port must be 0..65535, not {self.prometheus_port}")
+        return found
+
+
+C = TypeVar("C")
+
+
+def _field_kind(hint: Any) -> tuple[type, bool, bool]:
+    """(scalar type, is a tuple of them, may be None) for a field's type hint."""
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = True
+        hint = args[0]
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """One ``--flag`` per dataclass field; defaults stay unset so TOML can fill them."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        scalar, many, _ = _field_kind(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{meta.get('help', '')} (default: {_show(default)})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if scalar is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = scalar
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+            if many:
+                kwargs["nargs"] = meta.get("nargs", "+")
+        parser.add_argument(flag, **kwargs)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def build(cls: type[C], *layers: Mapping[str, Any]) -> C:
+    """Merge ``layers`` (later wins) over the defaults of ``cls``, checking every key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for layer in layers:
+        for raw_key, value in layer.items():
+            key = raw_key.replace("-", "_")
+            if key not in names:
+                problems.append(f"unknown option {raw_key!r}")
+                continue
+            try:
+                values[key] = _coerce(key, value, hints[key])
+            except ConfigError as exc:
+                problems.append(exc.message)
+    if not problems:
+        config = cls(**values)
+        check = getattr(config, "problems", None)
+        if check is not None:
+            problems.extend(check())
+        if not problems:
+            return config
+    raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    scalar, many, optional = _field_kind(hint)
+    if value is None and optional:
+        return None
+    if many:
+        if isinstance(value, str):
+            value = value.split()
+        if not isinstance(value, Sequence) or isinstance(value, bytes):
+            raise ConfigError(f"{key} must be a list")
+        return tuple(_coerce_scalar(key, item, scalar) for item in value)
+    return _coerce_scalar(key, value, scalar)
+
+
+def _coerce_scalar(key: str, value: Any, scalar: type) -> Any:
+    if scalar is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if scalar is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    if scalar is int and isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, not {value!r}")
+    if not isinstance(value, scalar):
+        raise ConfigError(f"{key} must be {scalar.__name__}, not {value!r}")
+    return value
+
+
+def read_toml(path: str | Path, section: str | None = None) -> dict[str, Any]:
+    """The options in a TOML file (optionally one ``[section]`` of it)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if section is not None and isinstance(data.get(section), dict):
+        return dict(data[section])
+    return data
+
+
+def from_namespace(cls: type[C], args: argparse.Namespace, section: str | None = None) -> C:
+    """Build ``cls`` from parsed arguments, reading ``--config`` first when given."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    toml: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        toml = read_toml(args.config, section)
+    return build(cls, toml, given)

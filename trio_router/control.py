@@ -1,0 +1,159 @@
+"""The control plane: a Quart-Trio app for the router's own endpoints.
+
+Worker administration (``/add_worker``, ``/remove_worker``, ``/list_workers``,
+gateway-style ``/workers``), ``/health``, ``/readiness``, JSON ``/metrics`` and
+Prometheus ``/prometheus``. Every error is the JSON error document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .errors import BadRequest, RouterError, error_body
+from .router import Router
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def json_object() -> dict[str, Any]:
+    """The request's JSON object body; empty when there is no body."""
+    raw = await request.get_data()
+    if not raw or not raw.strip():
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+async def worker_url_argument() -> object:
+    """The worker URL from ``?url=``/``?worker_url=`` or a JSON body ``{"url": ...}``."""
+    for name in ("url", "worker_url"):
+        if name in request.args:
+            return request.args[name]
+    body = await json_object()
+    for name in ("url", "worker_url"):
+        if name in body:
+            return body[name]
+    raise BadRequest('worker url is required (use ?url=... or a JSON body {"url": ...})')
+
+
+def create_control_app(router: Router) -> QuartTrio:
+    app = QuartTrio("trio_router")
+    app.config.update(
+        RESPONSE_TIMEOUT=None,  # quart's 60 s default would cut long answers
+        BODY_TIMEOUT=60,
+        MAX_CONTENT_LENGTH=router.config.max_body_size,
+    )
+
+    @app.errorhandler(RouterError)
+    async def router_error(exc: RouterError) -> Response:
+        response = Response(error_body(exc.message, exc.kind, exc.status), status=exc.status)
+        response.content_type = "application/json"
+        for name, value in exc.headers():
+            response.headers[name.decode()] = value.decode()
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
+        response = Response(error_body(exc.description or exc.name, kind, status), status=status)
+        response.content_type = "application/json"
+        return response
+
+    def workers_summary() -> dict[str, int]:
+        return router.worker_loads()
+
+    @app.post("/add_worker")
+    async def add_worker() -> Response:
+        worker, added = await router.add_worker(await worker_url_argument())
+        return json_response(
+            {
+                "status": "success",
+                "added": added,
+                "worker": worker.snapshot(),
+                "worker_urls": workers_summary(),
+            }
+        )
+
+    @app.post("/remove_worker")
+    async def remove_worker() -> Response:
+        worker = router.remove_worker(await worker_url_argument())
+        return json_response(
+            {
+                "status": "success",
+                "removed": worker.url,
+                "draining": worker.draining,
+                "worker_urls": workers_summary(),
+            }
+        )
+
+    @app.get("/list_workers")
+    async def list_workers() -> Response:
+        return json_response({"urls": router.pool.urls()})
+
+    @app.get("/workers")
+    async def get_workers() -> Response:
+        stats = router.pool.statistics()
+        return json_response(
+            {
+                "workers": [w.snapshot() for w in router.pool],
+                "total": stats.total,
+                "healthy": stats.healthy,
+                "policy": router.policy.name,
+            }
+        )
+
+    @app.post("/workers")
+    async def post_workers() -> Response:
+        body = await json_object()
+        if "url" not in body:
+            raise BadRequest('JSON body {"url": ...} is required')
+        worker, added = await router.add_worker(body["url"])
+        return json_response({"status": "success", "added": added, "worker": worker.snapshot()})
+
+    @app.delete("/workers")
+    async def delete_workers() -> Response:
+        worker = router.remove_worker(await worker_url_argument())
+        return json_response(
+            {"status": "success", "removed": worker.url, "draining": worker.draining}
+        )
+
+    @app.delete("/workers/<path:url>")
+    async def delete_worker_by_path(url: str) -> Response:
+        worker = router.remove_worker(url)
+        return json_response(
+            {"status": "success", "removed": worker.url, "draining": worker.draining}
+        )
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response(router.health_report())
+
+    @app.get("/readiness")
+    async def readiness() -> Response:
+        report = router.health_report()
+        return json_response(report, 200 if report["healthy_workers"] else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return json_response(router.json_metrics())
+
+    @app.get("/prometheus")
+    async def prometheus() -> Response:
+        return Response(router.metrics.render(), content_type=PROMETHEUS_CONTENT_TYPE)
+
+    return app

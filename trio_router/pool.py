@@ -1,0 +1,289 @@
+"""The worker pool: registration, in-flight leases and the health state machine.
+
+Pure and synchronous: no trio, no I/O, time comes in as ``now``. Because nothing
+here awaits, every method is atomic under trio's cooperative scheduling.
+
+Health states::
+
+    PENDING ──probe ok──▶ HEALTHY ◀──probe ok── SUSPECT
+       │                  │  ▲                    │
+       │     N failures   │  │ M probe successes  │ N failures (active or passive)
+       └──────────────────┴──┼───▶ QUARANTINED ◀──┘
+                             └────────┘
+    passive failure (5xx, connection error) on a HEALTHY worker ──▶ SUSPECT
+
+A SUSPECT worker gets traffic only when no HEALTHY worker is left. Removing a
+worker with requests in flight *drains* it: it takes no new requests and
+leaves the pool when its last lease is released.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .errors import BadRequest, NotFound
+
+
+class WorkerState(enum.Enum):
+    PENDING = "pending"
+    HEALTHY = "healthy"
+    SUSPECT = "suspect"
+    QUARANTINED = "quarantined"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRules:
+    failure_threshold: int = 3
+    success_threshold: int = 2
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    """One registered worker and its counters."""
+
+    url: str
+    added_at: float
+    state: WorkerState = WorkerState.PENDING
+    draining: bool = False
+    inflight: int = 0
+    requests_total: int = 0
+    errors_total: int = 0
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    last_checked: float | None = None
+    last_error: str | None = None
+    state_since: float = 0.0
+
+    @property
+    def routable(self) -> bool:
+        """May take new requests (possibly as a last resort, when SUSPECT)."""
+        return not self.draining and self.state in (WorkerState.HEALTHY, WorkerState.SUSPECT)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "healthy": self.state is WorkerState.HEALTHY and not self.draining,
+            "state": "draining" if self.draining else self.state.value,
+            "inflight": self.inflight,
+            "requests": self.requests_total,
+            "errors": self.errors_total,
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(slots=True)
+class Transition:
+    """A health state change, reported so the shell can log and count it."""
+
+    url: str
+    old: WorkerState
+    new: WorkerState
+    reason: str
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """One request's claim on a worker; ``release()`` is idempotent and sync."""
+
+    pool: WorkerPool
+    worker: Worker
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._release(self.worker)
+
+
+@dataclass(slots=True)
+class PoolStatistics:
+    total: int
+    healthy: int
+    routable: int
+    total_inflight: int
+    loads: dict[str, int]
+
+
+@dataclass(slots=True, eq=False)
+class WorkerPool:
+    """All registered workers, keyed by normalised URL."""
+
+    rules: HealthRules = field(default_factory=HealthRules)
+    _workers: dict[str, Worker] = field(default_factory=dict)
+    #: bumped on every membership change, so policies can rebuild derived state.
+    version: int = 0
+
+    # -- membership ---------------------------------------------------------
+
+    def add(self, url: str, now: float) -> tuple[Worker, bool]:
+        """Register ``url``; idempotent. Returns the worker and whether it is new."""
+        worker = self._workers.get(url)
+        if worker is not None:
+            if worker.draining:
+                # Back from draining: a membership change (it re-enters urls()),
+                # so policies must rebuild derived state such as the hash ring.
+                worker.draining = False
+                self.version += 1
+            return worker, False
+        worker = Worker(url=url, added_at=now, state_since=now)
+        self._workers[url] = worker
+        self.version += 1
+        return worker, True
+
+    def remove(self, url: str) -> Worker:
+        """Unregister ``url``; with requests in flight it drains first."""
+        worker = self._workers.get(url)
+        if worker is None or worker.draining:
+            raise NotFound(f"worker not registered: {url}")
+        if worker.inflight:
+            worker.draining = True
+        else:
+            del self._workers[url]
+        self.version += 1
+        return worker
+
+    def get(self, url: str) -> Worker | None:
+        return self._workers.get(url)
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(self._workers.values())
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def urls(self) -> list[str]:
+        """URLs of registered workers that are not draining away."""
+        return [w.url for w in self._workers.values() if not w.draining]
+
+    def candidates(self) -> list[Worker]:
+        """Workers a policy may choose: the healthy ones, else the suspect ones."""
+        healthy = [
+            w for w in self._workers.values() if w.state is WorkerState.HEALTHY and not w.draining
+        ]
+        if healthy:
+            pass
+        return [w for w in self._workers.values() if w.routable]
+
+    # -- leases -------------------------------------------------------------
+
+    def acquire(self, worker: Worker) -> Lease:
+        if worker.draining or self._workers.get(worker.url) is not worker:
+            raise BadRequest(f"worker is not accepting requests: {worker.url}")
+        worker.inflight += 1
+        worker.requests_total += 1
+        return Lease(self, worker)
+
+    def _release(self, worker: Worker) -> None:
+        worker.inflight -= 1
+        if worker.draining and worker.inflight == 0:
+            if self._workers.get(worker.url) is worker:
+                del self._workers[worker.url]
+                self.version += 1
+
+    # -- health -------------------------------------------------------------
+
+    def probe_succeeded(self, url: str, now: float) -> Transition | None:
+        worker = self._workers.get(url)
+        if worker is None:
+            return None
+        worker.last_checked = now
+        worker.consecutive_failures = 0
+        worker.consecutive_successes += 1
+        state = worker.state
+        if state is WorkerState.QUARANTINED:
+            if worker.consecutive_successes >= self.rules.success_threshold:
+                return self._move(worker, WorkerState.HEALTHY, now, "recovered")
+        elif state is not WorkerState.HEALTHY:
+            return self._move(worker, WorkerState.HEALTHY, now, "probe ok")
+        return None
+
+    def probe_failed(self, url: str, now: float, reason: str) -> Transition | None:
+        worker = self._workers.get(url)
+        if worker is None:
+            return None
+        worker.last_checked = now
+        return self._failure(worker, now, reason)
+
+    def request_failed(self, worker: Worker, now: float, reason: str) -> Transition | None:
+        """Passive signal from a proxied request: connection error or 5xx."""
+        worker.errors_total += 1
+        if self._workers.get(worker.url) is not worker:
+            return None
+        transition = self._failure(worker, now, reason)
+        if transition is None and worker.state is WorkerState.HEALTHY:
+            return self._move(worker, WorkerState.SUSPECT, now, reason)
+        return transition
+
+    def request_succeeded(self, worker: Worker, now: float) -> Transition | None:
+        """Passive signal: the worker answered below 500."""
+        if worker.consecutive_failures == 0 and worker.state is not WorkerState.SUSPECT:
+            return None
+        worker.consecutive_failures = 0
+        if worker.state is WorkerState.SUSPECT and self._workers.get(worker.url) is worker:
+            return self._move(worker, WorkerState.HEALTHY, now, "request ok")
+        return None
+
+    def _failure(self, worker: Worker, now: float, reason: str) -> Transition | None:
+        worker.consecutive_successes = 0
+        worker.consecutive_failures += 1
+        worker.last_error = reason
+        if (
+            worker.state is not WorkerState.QUARANTINED
+            and worker.consecutive_failures >= self.rules.failure_threshold
+        ):
+            return self._move(worker, WorkerState.QUARANTINED, now, reason)
+        return None
+
+    def _move(self, worker: Worker, new: WorkerState, now: float, reason: str) -> Transition:
+        old = worker.state
+        worker.state = new
+        worker.state_since = now
+        if new is WorkerState.HEALTHY:
+            worker.consecutive_failures = 0
+        return Transition(worker.url, old, new, reason)
+
+    # -- introspection ------------------------------------------------------
+
+    def statistics(self) -> PoolStatistics:
+        workers = list(self._workers.values())
+        return PoolStatistics(
+            total=sum(not w.draining for w in workers),
+            healthy=sum(w.state is WorkerState.HEALTHY and not w.draining for w in workers),
+            routable=sum(w.routable for w in workers),
+            total_inflight=sum(w.inflight for w in workers),
+            loads={w.url: w.inflight for w in workers},
+        )
+
+
+def normalize_worker_url(raw: object) -> str:
+    """Validate a worker URL and return its canonical form ``scheme://host:port``."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(raw, str) or not raw.strip():
+        raise BadRequest("worker url is required (use ?url=... or a JSON body {\"url\": ...})")
+    text = raw.strip()
+    if "://" not in text:
+        raise BadRequest(f"worker url needs a scheme (http:// or https://): {text!r}")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise BadRequest(f"invalid worker url {text!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise BadRequest(f"worker url scheme must be http or https, not {parts.scheme!r}")
+    if not parts.hostname:
+        raise BadRequest(f"worker url has no host: {text!r}")
+    if parts.username or parts.password:
+        raise BadRequest("worker url must not carry credentials")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise BadRequest(f"worker url must be scheme://host:port without a path: {text!r}")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}:{port}"

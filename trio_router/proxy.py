@@ -1,0 +1,347 @@
+"""The data plane: a raw ASGI handler that relays any request to one worker.
+
+No web framework on this path: the request body is read once, the response
+is relayed chunk by chunk as the worker sends it, never parsed or
+re-serialised. A watcher task cancels the exchange when the client goes
+away, which closes the upstream connection and so stops the worker's work.
+The in-flight lease is released synchronously in ``finally``, so no exit
+path (error, cancellation, disconnect) can leak a counter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .errors import (
+    PayloadTooLarge,
+    RouterError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+)
+from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
+from .router import Router
+from .upstream import iter_body
+
+log = logging.getLogger("trio_router.proxy")
+access_log = logging.getLogger("trio_router.access")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date"}
+ROUTING_KEY_HEADERS = (b"x-smg-routing-key", b"x-session-id")
+MAX_ROUTING_KEY = 256
+END_HOOK_TIMEOUT = 10.0
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in ``Connection:``, which are hop-by-hop too."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def forward_headers(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` minus hop-by-hop ones (and those the Connection header names)."""
+    extra = _connection_tokens(headers)
+    if extra:
+        drop = drop | extra
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def routing_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for wanted in ROUTING_KEY_HEADERS:
+        for name, value in headers:
+            if name == wanted and value:
+                return value[:MAX_ROUTING_KEY].decode("utf-8", "replace")
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body; 413 beyond ``limit`` bytes."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = 0
+            if declared > limit:
+                raise PayloadTooLarge(f"request body of {declared} bytes exceeds {limit}")
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_reply(send: Send, reply: Reply) -> None:
+    headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+def error_reply(exc: RouterError) -> Reply:
+    body = error_body(exc.message, exc.kind, exc.status)
+    return Reply(exc.status, body, [(b"content-type", b"application/json"), *exc.headers()])
+
+
+@dataclass(slots=True)
+class Progress:
+    """What has happened to one request so far (for metrics, logs, hooks)."""
+
+    status: int = 0
+    worker: str | None = None
+    response_started: bool = False
+    bytes_sent: int = 0
+    completed: bool = False
+    error: RouterError | None = None
+
+
+class Proxy:
+    """ASGI callable for every path the control plane does not own."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._ids = itertools.count(1)
+        self._id_prefix = f"tr-{router.rng.getrandbits(32):08x}-"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        router = self.router
+        started = trio.current_time()
+        try:
+            body = await read_body(scope, receive, router.config.max_body_size)
+        except ClientGone:
+            return
+        except RouterError as exc:
+            await send_reply(send, error_reply(exc))
+            router.metrics.observe(scope["path"], "none", exc.status, 0.0)
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        request_id = None
+        for name, value in headers:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+                break
+        client = scope.get("client")
+        request = ProxyRequest(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope["query_string"],
+            headers=headers,
+            body=body,
+            routing_key=routing_key(headers),
+            request_id=request_id or f"{self._id_prefix}{next(self._ids)}",
+            client=client[0] if client else None,
+        )
+        progress = Progress()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                await self._exchange(request, send, progress)
+                nursery.cancel_scope.cancel()
+        finally:
+            outcome = self._finish(request, progress, started)
+            if router.chain.has_end_hooks:
+                with trio.CancelScope(shield=True), trio.move_on_after(END_HOOK_TIMEOUT):
+                    await router.chain.on_response_end(request, outcome)
+
+    async def _exchange(self, request: ProxyRequest, send: Send, progress: Progress) -> None:
+        """Answer one request; turns every failure into an error reply or a cut stream."""
+        router = self.router
+        timeout = router.config.request_timeout
+        try:
+            with trio.move_on_after(timeout if timeout > 0 else math.inf) as deadline:
+                reply = await router.chain.on_request(request) if router.chain.active else None
+                if reply is not None:
+                    await send_reply(send, reply)
+                    progress.status = reply.status
+                    progress.completed = True
+                    return
+                await self._forward(request, send, progress)
+            if deadline.cancelled_caught:
+                raise UpstreamTimeout(f"request exceeded the router's {timeout:g} s deadline")
+        except RouterError as exc:
+            self._failed(progress, exc)
+            if not progress.response_started:
+                await send_reply(send, error_reply(exc))
+        except Exception as exc:
+            log.exception("internal error proxying %s %s", request.method, request.path)
+            self._failed(progress, RouterError(f"internal router error: {type(exc).__name__}"))
+            if not progress.response_started:
+                await send_reply(send, error_reply(RouterError("internal router error")))
+
+    @staticmethod
+    def _failed(progress: Progress, exc: RouterError) -> None:
+        progress.error = exc
+        if not progress.response_started:
+            progress.status = exc.status
+
+    async def _forward(self, request: ProxyRequest, send: Send, progress: Progress) -> None:
+        router = self.router
+        tried: set[str] = set()
+        while True:
+            decision = router.policy.choose(
+                router.pool, request.routing_key, trio.current_time(), frozenset(tried)
+            )
+            router.metrics.decisions.labels(router.policy.name, decision.branch).inc()
+            if router.chain.active:
+                router.chain.on_route(request, decision)
+            worker = decision.worker
+            progress.worker = worker.url
+            lease = router.pool.acquire(worker)
+            try:
+                await self._relay(request, send, progress)
+                return
+            except UpstreamConnectError as exc:
+                self._passive_failure(progress.worker, exc)
+                if progress.response_started or len(tried) >= router.config.max_retries:
+                    raise
+                tried.add(worker.url)
+                router.metrics.retries.labels(request.path).inc()
+                log.info("retrying %s on another worker: %s", request.path, exc.message)
+            except UpstreamError as exc:
+                self._passive_failure(progress.worker, exc)
+                raise
+            finally:
+                lease.release()
+
+    def _passive_failure(self, url: str | None, exc: RouterError) -> None:
+        worker = self.router.pool.get(url) if url else None
+        if worker is None:
+            return
+        transition = self.router.pool.request_failed(worker, trio.current_time(), exc.message)
+        if transition is not None:
+            self.router.health.on_transition(transition)
+        self.router.health.wake(worker.url)
+
+    async def _relay(self, request: ProxyRequest, send: Send, progress: Progress) -> None:
+        router = self.router
+        url = progress.worker
+        assert url is not None
+        upstream_headers = forward_headers(request.headers, DROP_REQUEST)
+        async with router.upstream.stream(
+            url, request.method.encode(), request.target, upstream_headers, request.body
+        ) as response:
+            worker = router.pool.get(url)
+            if worker is not None:
+                if response.status >= 500:
+                    self._passive_failure(url, UpstreamError(f"worker answered {response.status}"))
+                else:
+                    transition = router.pool.request_succeeded(worker, trio.current_time())
+                    if transition is not None:
+                        router.health.on_transition(transition)
+            head = ResponseHead(
+                response.status, forward_headers(response.headers, DROP_RESPONSE), url
+            )
+            body: AsyncIterator[bytes] = iter_body(response, url)
+            if router.chain.active:
+                await router.chain.on_response_start(request, head)
+                body, replaced = router.chain.transform_body(request, head, body)
+                if replaced:
+                    head.headers = [(k, v) for k, v in head.headers if k != b"content-length"]
+            length = _content_length(head.headers)
+            progress.status = head.status
+            await send(
+                {"type": "http.response.start", "status": head.status, "headers": head.headers}
+            )
+            progress.response_started = True
+            sent = 0
+            finished = False
+            # Iterate to the very end even when the declared length is reached, so
+            # httpcore sees the end of the message and keeps the connection alive.
+            async for chunk in body:
+                sent += len(chunk)
+                progress.bytes_sent = sent
+                finished = length is not None and sent >= length
+                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
+            if not finished:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            progress.completed = True
+
+    def _finish(self, request: ProxyRequest, progress: Progress, started: float) -> Outcome:
+        router = self.router
+        duration = trio.current_time() - started
+        status = progress.status if progress.completed or progress.status else 499
+        if not progress.completed and progress.error is None:
+            router.metrics.disconnects.inc()
+        router.metrics.observe(request.path, progress.worker or "none", status, duration)
+        if router.config.verbose:
+            access_log.info(
+                "id=%s %s %s worker=%s status=%d bytes=%d ms=%.1f%s",
+                request.request_id,
+                request.method,
+                request.path,
+                progress.worker,
+                status,
+                progress.bytes_sent,
+                duration * 1000,
+                "" if progress.completed else " (not completed)",
+            )
+        return Outcome(
+            status=status,
+            worker=progress.worker,
+            bytes_sent=progress.bytes_sent,
+            duration=duration,
+            completed=progress.completed,
+            error=progress.error,
+        )
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return

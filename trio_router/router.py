@@ -1,0 +1,160 @@
+"""The Router: everything one router process owns, and ``open_router`` that runs it.
+
+``open_router`` is the single owner of every background task: it opens one
+nursery, starts each loop under ``supervise`` with ``nursery.start`` (so a
+loop that cannot come up fails start-up), yields the ready ``Router``, and on
+exit cancels the loops before closing the connections they use.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from .config import RouterConfig
+from .errors import BadRequest, ConfigError
+from .health import HealthChecker, Probe, http_probe
+from .hooks import MiddlewareChain, load_middleware
+from .metrics import Metrics
+from .policies import Policy, make_policy
+from .pool import HealthRules, Transition, Worker, WorkerPool, normalize_worker_url
+from .supervise import ServiceBoard, supervise
+from .upstream import Upstream, UpstreamLimits
+
+
+class Router:
+    """The router's state and the operations the HTTP edge calls."""
+
+    def __init__(self, config: RouterConfig, *, http: httpx.AsyncClient, probe: Probe) -> None:
+        self.config = config
+        self.http = http
+        self.rng = random.Random(config.seed)
+        self.pool = WorkerPool(
+            HealthRules(
+                failure_threshold=config.health_check_failure_threshold,
+                success_threshold=config.health_check_success_threshold,
+            )
+        )
+        self.policy: Policy = make_policy(
+            config.policy,
+            self.rng,
+            sticky_ttl=config.sticky_ttl,
+            sticky_spill_factor=config.sticky_spill_factor,
+            hash_load_factor=config.hash_load_factor,
+        )
+        self.services = ServiceBoard()
+        self.metrics = Metrics(self.pool, self.services.restarts)
+        self.health = HealthChecker(
+            self.pool,
+            probe,
+            interval=config.health_check_interval,
+            on_transition=self._count_transition,
+            on_result=self._count_probe,
+        )
+        self.upstream = Upstream(
+            UpstreamLimits(
+                max_connections=config.max_connections,
+                keepalive_expiry=config.keepalive_expiry,
+                connect_timeout=config.connect_timeout,
+            )
+        )
+        self.chain = MiddlewareChain(load_middleware(config.middleware_paths, self))
+
+    def _count_transition(self, t: Transition) -> None:
+        self.metrics.transitions.labels(t.url, t.old.value, t.new.value).inc()
+
+    def _count_probe(self, ok: bool) -> None:
+        self.metrics.health_checks.labels("ok" if ok else "failed").inc()
+
+    # -- worker administration ----------------------------------------------
+
+    async def add_worker(self, raw_url: object) -> tuple[Worker, bool]:
+        """Register a worker and probe it at once; idempotent."""
+        url = normalize_worker_url(raw_url)
+        worker, added = self.pool.add(url, trio.current_time())
+        if added:
+            with trio.move_on_after(self.config.health_check_timeout + 1):
+                await self.health.check(url)
+        return worker, added
+
+    def remove_worker(self, raw_url: object) -> Worker:
+        """Unregister a worker; one with requests in flight drains first."""
+        try:
+            url = normalize_worker_url(raw_url)
+        except BadRequest:
+            if isinstance(raw_url, str) and self.pool.get(raw_url) is not None:
+                url = raw_url
+            else:
+                raise
+        return self.pool.remove(url)
+
+    # -- reports --------------------------------------------------------------
+
+    def worker_loads(self) -> dict[str, int]:
+        return {w.url: w.inflight for w in self.pool if not w.draining}
+
+    def health_report(self) -> dict[str, Any]:
+        stats = self.pool.statistics()
+        if stats.healthy == 0:
+            status = "unavailable"
+        elif stats.healthy < stats.total or any(
+            not s.running for s in self.services.services.values()
+        ):
+            status = "degraded"
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "healthy_workers": stats.healthy,
+            "total_workers": stats.total,
+            "services": self.services.snapshot(),
+        }
+
+    def json_metrics(self) -> dict[str, Any]:
+        stats = self.pool.statistics()
+        return {
+            "router": {
+                "active_workers": stats.healthy,
+                "total_workers": stats.total,
+                "worker_loads": self.worker_loads(),
+                "total_in_flight": stats.total_inflight,
+                "policy": self.policy.name,
+                "workers": [w.snapshot() for w in self.pool],
+            },
+            "cache": {},
+        }
+
+
+@asynccontextmanager
+async def open_router(config: RouterConfig, *, probe: Probe | None = None) -> AsyncIterator[Router]:
+    """Build a Router, start its supervised loops, and stop them on exit."""
+    problems = config.problems()
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4)
+    timeout = httpx.Timeout(config.health_check_timeout, connect=config.connect_timeout)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+        if probe is None:
+            probe = http_probe(http, config.health_check_endpoint, config.health_check_timeout)
+        router = Router(config, http=http, probe=probe)
+        now = trio.current_time()
+        for raw in config.worker_urls:
+            try:
+                router.pool.add(normalize_worker_url(raw), now)
+            except BadRequest as exc:
+                raise ConfigError(f"--worker-urls: {exc.message}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervise, "health", router.health.run, router.services)
+                try:
+                    yield router
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await router.upstream.aclose()

@@ -1,0 +1,134 @@
+"""The data-plane client to workers: one pooled httpcore connection pool.
+
+httpx is a convenience layer over httpcore; the proxy needs none of it (no
+redirects, cookies or URL parsing per request), so the hot path talks to
+httpcore's pool directly and gets bytes in, bytes out. Errors are translated
+here, at the boundary, into the router's own tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httpcore
+
+from .errors import (
+    NoHealthyWorker,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLimits:
+    max_connections: int = 1024
+    keepalive_expiry: float = 4.0
+    connect_timeout: float = 5.0
+    pool_timeout: float = 30.0
+    write_timeout: float = 60.0
+
+
+@contextmanager
+def upstream_errors(url: str) -> Iterator[None]:
+    """Translate httpcore failures talking to ``url`` into router errors."""
+    try:
+        yield
+    except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+        raise UpstreamConnectError(f"cannot connect to worker {url}: {exc or 'refused'}") from exc
+    except httpcore.PoolTimeout as exc:
+        raise NoHealthyWorker("all upstream connections are busy; try again") from exc
+    except httpcore.TimeoutException as exc:
+        raise UpstreamTimeout(f"worker {url} timed out") from exc
+    except (httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
+        raise UpstreamProtocolError(f"worker {url} broke the connection: {exc}") from exc
+    except httpcore.ProtocolError as exc:
+        raise UpstreamError(f"protocol error talking to worker {url}: {exc}") from exc
+
+
+class Upstream:
+    """Sends requests to workers over one shared connection pool."""
+
+    def __init__(self, limits: UpstreamLimits) -> None:
+        self.limits = limits
+        self.pool = httpcore.AsyncConnectionPool(
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            retries=0,
+        )
+        self._timeouts = {
+            "connect": limits.connect_timeout,
+            "read": None,  # the request's own deadline bounds it
+            "write": limits.write_timeout,
+            "pool": limits.pool_timeout,
+        }
+        self._origins: dict[str, tuple[bytes, bytes, int]] = {}
+
+    def _origin(self, base_url: str) -> tuple[bytes, bytes, int]:
+        origin = self._origins.get(base_url)
+        if origin is None:
+            parts = urlsplit(base_url)
+            scheme = parts.scheme.encode()
+            host = (parts.hostname or "").encode()
+            port = parts.port or (443 if scheme == b"https" else 80)
+            origin = (scheme, host, port)
+            if len(self._origins) > 4096:
+                self._origins.clear()
+            self._origins[base_url] = origin
+        return origin
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        base_url: str,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> AsyncIterator[httpcore.Response]:
+        """Open a response from ``base_url``; it is closed when the block exits.
+
+        ``target`` is the path plus query; ``headers`` must not carry host or
+        content-length, which are set here.
+        """
+        scheme, host, port = self._origin(base_url)
+        host_header = host if port in (80, 443) else b"%s:%d" % (host, port)
+        all_headers = [(b"host", host_header), *headers]
+        if body or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
+            all_headers.append((b"content-length", str(len(body)).encode()))
+        request = httpcore.Request(
+            method,
+            httpcore.URL(scheme=scheme, host=host, port=port, target=target),
+            headers=all_headers,
+            content=body,
+            extensions={"timeout": self._timeouts},
+        )
+        with upstream_errors(base_url):
+            response = await self.pool.handle_async_request(request)
+        try:
+            yield response
+        finally:
+            with upstream_errors(base_url):
+                await response.aclose()
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
+async def iter_body(response: httpcore.Response, base_url: str) -> AsyncIterator[bytes]:
+    """The response body as it arrives, with errors translated."""
+    iterator = cast(AsyncIterable[bytes], response.stream).__aiter__()
+    while True:
+        with upstream_errors(base_url):
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+        if chunk:
+            yield chunk
