@@ -164,7 +164,7 @@ class WorkerPool:
             w for w in self._workers.values() if w.state is WorkerState.HEALTHY and not w.draining
         ]
         if healthy:
-            pass
+            return healthy
         return [w for w in self._workers.values() if w.routable]
 
     # -- leases -------------------------------------------------------------
