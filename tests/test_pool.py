@@ -400,15 +400,28 @@ def test_consecutive_passive_failures_quarantine() -> None:
     assert not w.routable
 
 
-def test_passive_and_probe_failures_add_up() -> None:
+def test_probe_and_request_failures_are_counted_apart() -> None:
     pool = make_pool(1, rules=HealthRules(failure_threshold=3))
     w = worker(pool, 0)
     pool.request_failed(w, 1.0, "reset")
     pool.probe_failed(url(0), 2.0, "timeout")
+    pool.probe_failed(url(0), 3.0, "timeout")
     assert w.state is WorkerState.SUSPECT
-    transition = pool.probe_failed(url(0), 3.0, "timeout")
+    transition = pool.probe_failed(url(0), 4.0, "timeout")
     assert transition is not None
     assert (transition.old, transition.new) == (WorkerState.SUSPECT, WorkerState.QUARANTINED)
+
+
+def test_worker_that_passes_probes_but_fails_requests_is_still_quarantined() -> None:
+    pool = make_pool(1, rules=HealthRules(failure_threshold=3))
+    w = worker(pool, 0)
+    for t in range(2):
+        pool.request_failed(w, float(t), "503")
+        assert w.state is WorkerState.SUSPECT
+        pool.probe_succeeded(url(0), t + 0.5)
+        assert w.state is WorkerState.HEALTHY
+    transition = pool.request_failed(w, 3.0, "503")
+    assert transition is not None and transition.new is WorkerState.QUARANTINED
 
 
 def test_healthy_worker_success_after_failed_probe_clears_failures() -> None:

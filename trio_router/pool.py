@@ -5,14 +5,19 @@ here awaits, every method is atomic under trio's cooperative scheduling.
 
 Health states::
 
-    PENDING ──probe ok──▶ HEALTHY ◀──probe ok── SUSPECT
-       │                  │  ▲                    │
-       │     N failures   │  │ M probe successes  │ N failures (active or passive)
-       └──────────────────┴──┼───▶ QUARANTINED ◀──┘
-                             └────────┘
-    passive failure (5xx, connection error) on a HEALTHY worker ──▶ SUSPECT
+    PENDING ──probe ok──▶ HEALTHY ──failed request──▶ SUSPECT
+                          ▲  ▲ ◀──probe or request ok──┘
+        M probe successes │  │
+                          │  N consecutive failed probes, or
+                          │  N consecutive failed requests (connection error, 5xx)
+                          │  │
+                    QUARANTINED ◀┘
 
-A SUSPECT worker gets traffic only when no HEALTHY worker is left. Removing a
+A SUSPECT worker gets traffic only when no HEALTHY worker is left. A 4xx is the
+client's fault and never counts against a worker. A successful probe lets a
+suspect worker back, but only a successful request clears its count of failed
+requests, so a worker that answers /health yet fails every request is still
+quarantined. Removing a
 worker with requests in flight *drains* it: it takes no new requests and
 leaves the pool when its last lease is released.
 """
@@ -50,8 +55,11 @@ class Worker:
     inflight: int = 0
     requests_total: int = 0
     errors_total: int = 0
+    #: consecutive failed health probes
     consecutive_failures: int = 0
     consecutive_successes: int = 0
+    #: consecutive proxied requests that failed (connection error or 5xx)
+    request_failures: int = 0
     last_checked: float | None = None
     last_error: str | None = None
     state_since: float = 0.0
@@ -70,6 +78,7 @@ class Worker:
             "requests": self.requests_total,
             "errors": self.errors_total,
             "consecutive_failures": self.consecutive_failures,
+            "request_failures": self.request_failures,
             "last_error": self.last_error,
         }
 
@@ -195,8 +204,12 @@ class WorkerPool:
         state = worker.state
         if state is WorkerState.QUARANTINED:
             if worker.consecutive_successes >= self.rules.success_threshold:
+                worker.request_failures = 0
                 return self._move(worker, WorkerState.HEALTHY, now, "recovered")
         elif state is not WorkerState.HEALTHY:
+            # A suspect worker gets another chance, but keeps its count of failed
+            # requests: a worker whose /health is fine while it fails requests is
+            # still quarantined once that count reaches the threshold.
             return self._move(worker, WorkerState.HEALTHY, now, "probe ok")
         return None
 
@@ -205,37 +218,41 @@ class WorkerPool:
         if worker is None:
             return None
         worker.last_checked = now
-        return self._failure(worker, now, reason)
+        worker.consecutive_successes = 0
+        worker.consecutive_failures += 1
+        worker.last_error = reason
+        if worker.consecutive_failures >= self.rules.failure_threshold:
+            return self._quarantine(worker, now, reason)
+        return None
 
     def request_failed(self, worker: Worker, now: float, reason: str) -> Transition | None:
         """Passive signal from a proxied request: connection error or 5xx."""
         worker.errors_total += 1
         if self._workers.get(worker.url) is not worker:
             return None
-        transition = self._failure(worker, now, reason)
-        if transition is None and worker.state is WorkerState.HEALTHY:
+        worker.consecutive_successes = 0
+        worker.request_failures += 1
+        worker.last_error = reason
+        if worker.request_failures >= self.rules.failure_threshold:
+            return self._quarantine(worker, now, reason)
+        if worker.state is WorkerState.HEALTHY:
             return self._move(worker, WorkerState.SUSPECT, now, reason)
-        return transition
+        return None
 
     def request_succeeded(self, worker: Worker, now: float) -> Transition | None:
         """Passive signal: the worker answered below 500."""
-        if worker.consecutive_failures == 0 and worker.state is not WorkerState.SUSPECT:
+        if worker.request_failures == 0 and worker.consecutive_failures == 0:
             return None
+        worker.request_failures = 0
         worker.consecutive_failures = 0
         if worker.state is WorkerState.SUSPECT and self._workers.get(worker.url) is worker:
             return self._move(worker, WorkerState.HEALTHY, now, "request ok")
         return None
 
-    def _failure(self, worker: Worker, now: float, reason: str) -> Transition | None:
-        worker.consecutive_successes = 0
-        worker.consecutive_failures += 1
-        worker.last_error = reason
-        if (
-            worker.state is not WorkerState.QUARANTINED
-            and worker.consecutive_failures >= self.rules.failure_threshold
-        ):
-            return self._move(worker, WorkerState.QUARANTINED, now, reason)
-        return None
+    def _quarantine(self, worker: Worker, now: float, reason: str) -> Transition | None:
+        if worker.state is WorkerState.QUARANTINED:
+            return None
+        return self._move(worker, WorkerState.QUARANTINED, now, reason)
 
     def _move(self, worker: Worker, new: WorkerState, now: float, reason: str) -> Transition:
         old = worker.state
@@ -243,6 +260,8 @@ class WorkerPool:
         worker.state_since = now
         if new is WorkerState.HEALTHY:
             worker.consecutive_failures = 0
+        elif new is WorkerState.QUARANTINED:
+            worker.consecutive_successes = 0
         return Transition(worker.url, old, new, reason)
 
     # -- introspection ------------------------------------------------------

@@ -29,7 +29,6 @@ from .errors import (
 )
 from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
 from .router import Router
-from .upstream import iter_body
 
 log = logging.getLogger("trio_router.proxy")
 access_log = logging.getLogger("trio_router.access")
@@ -275,7 +274,7 @@ class Proxy:
             head = ResponseHead(
                 response.status, forward_headers(response.headers, DROP_RESPONSE), url
             )
-            body: AsyncIterator[bytes] = iter_body(response, url)
+            body: AsyncIterator[bytes] = response
             if router.chain.active:
                 await router.chain.on_response_start(request, head)
                 body, replaced = router.chain.transform_body(request, head, body)

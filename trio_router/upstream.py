@@ -15,6 +15,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httpcore
+import trio
 
 from .errors import (
     NoHealthyWorker,
@@ -91,7 +92,7 @@ class Upstream:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-    ) -> AsyncIterator[httpcore.Response]:
+    ) -> AsyncIterator[UpstreamResponse]:
         """Open a response from ``base_url``; it is closed when the block exits.
 
         ``target`` is the path plus query; ``headers`` must not carry host or
@@ -111,24 +112,40 @@ class Upstream:
         )
         with upstream_errors(base_url):
             response = await self.pool.handle_async_request(request)
+        wrapped = UpstreamResponse(response, base_url)
         try:
-            yield response
+            yield wrapped
         finally:
-            with upstream_errors(base_url):
-                await response.aclose()
+            with trio.CancelScope(shield=True), upstream_errors(base_url):
+                await wrapped.aclose()
 
     async def aclose(self) -> None:
         await self.pool.aclose()
 
 
-async def iter_body(response: httpcore.Response, base_url: str) -> AsyncIterator[bytes]:
-    """The response body as it arrives, with errors translated."""
-    iterator = cast(AsyncIterable[bytes], response.stream).__aiter__()
-    while True:
-        with upstream_errors(base_url):
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                return
-        if chunk:
-            yield chunk
+class UpstreamResponse:
+    """A worker's response: status, headers and the body as an async iterator of chunks."""
+
+    __slots__ = ("_chunks", "_response", "headers", "status", "url")
+
+    def __init__(self, response: httpcore.Response, url: str) -> None:
+        self._response = response
+        self.url = url
+        self.status = response.status
+        self.headers: list[tuple[bytes, bytes]] = response.headers
+        # httpcore's body is an async generator: keep it so it can be closed explicitly
+        self._chunks = cast(AsyncIterable[bytes], response.stream).__aiter__()
+
+    def __aiter__(self) -> UpstreamResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        with upstream_errors(self.url):
+            chunk = await self._chunks.__anext__()
+        return chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await self._response.aclose()

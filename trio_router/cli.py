@@ -1,0 +1,100 @@
+"""The ``trio-router`` command: ``serve``, ``worker`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+from .config import RouterConfig, add_arguments, from_namespace
+from .errors import ConfigError
+from .server import RunningRouter, run_until_signalled
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-router",
+        description="A token-exact HTTP router for SGLang workers in RL rollouts.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the router in front of SGLang workers",
+        description="Run the router. Every option may also come from --config (TOML), "
+        "top level or a [router] table; command-line flags win.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML file with options")
+    add_arguments(serve, RouterConfig)
+
+    from .sim.worker import SimWorkerConfig
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a simulated SGLang worker (no GPU needed)",
+        description="Run a simulated SGLang worker for demos, tests and benchmarks. "
+        "Options may also come from --config (TOML, top level or a [worker] table).",
+    )
+    worker.add_argument("--config", metavar="FILE", help="TOML file with options")
+    add_arguments(worker, SimWorkerConfig)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run two simulated workers and a router, drive a short rollout, print a summary",
+    )
+    demo.add_argument(
+        "--serve", action="store_true", help="keep everything running and print the URLs"
+    )
+    demo.add_argument("--agents", type=int, default=6, help="concurrent agents (default: 6)")
+    demo.add_argument("--turns", type=int, default=3, help="turns per agent (default: 3)")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _announce(running: RunningRouter) -> None:
+    print(f"trio-router listening on {running.url}", flush=True)
+    if running.prometheus_url:
+        print(f"prometheus metrics on {running.prometheus_url}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            config = from_namespace(RouterConfig, args, section="router")
+            _setup_logging(config.log_level)
+            trio.run(partial(run_until_signalled, config, _announce))
+        elif args.command == "worker":
+            from .sim.worker import SimWorkerConfig, run_sim_worker_until_signalled
+
+            worker_config = from_namespace(SimWorkerConfig, args, section="worker")
+            _setup_logging("info")
+            trio.run(run_sim_worker_until_signalled, worker_config)
+        else:
+            from .demo import run_demo
+
+            _setup_logging("warning")
+            return trio.run(
+                partial(run_demo, agents=args.agents, turns=args.turns, serve_forever=args.serve)
+            )
+    except ConfigError as exc:
+        print(f"trio-router: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
