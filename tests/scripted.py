@@ -94,7 +94,11 @@ class ScriptedUpstream:
                 if script.gate_before_start is not None:
                     await script.gate_before_start.wait()
                 await send(
-                    {"type": "http.response.start", "status": script.status, "headers": script.headers}
+                    {
+                        "type": "http.response.start",
+                        "status": script.status,
+                        "headers": script.headers,
+                    }
                 )
                 for chunk in script.chunks:
                     if isinstance(chunk, trio.Event):

@@ -28,9 +28,11 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[n
 async def test_response_bytes_pass_through_unchanged(nursery, client):
     upstream, url = await start_scripted(nursery)
     # Spacing, escapes and float spelling that any JSON re-serialisation would change.
-    payload = b'{"text" :  "caf\\u00e9",\n "x": 1.50, "meta_info": {"routed_experts": "' + (
-        b"QUJD" * 250_000
-    ) + b'", "unknown_field": [1 , 2]}}'
+    payload = (
+        b'{"text" :  "caf\\u00e9",\n "x": 1.50, "meta_info": {"routed_experts": "'
+        + (b"QUJD" * 250_000)
+        + b'", "unknown_field": [1 , 2]}}'
+    )
     upstream.script = Script(
         headers=[
             (b"content-type", b"application/json"),
@@ -65,8 +67,12 @@ async def test_method_path_query_and_body_reach_the_worker_byte_for_byte(nursery
         await client.put(
             running.url + "/some/path?x=1&y=%20z&x=2",
             content=body,
-            headers={"X-SMG-Routing-Key": "k1", "Connection": "keep-alive, X-Private",
-                     "X-Private": "secret", "Keep-Alive": "timeout=5"},
+            headers={
+                "X-SMG-Routing-Key": "k1",
+                "Connection": "keep-alive, X-Private",
+                "X-Private": "secret",
+                "Keep-Alive": "timeout=5",
+            },
         )
     seen = upstream.seen[-1]
     assert (seen.method, seen.path, seen.query, seen.body) == (
@@ -105,7 +111,7 @@ async def test_sse_events_arrive_while_the_worker_is_still_generating(nursery, c
     gate = trio.Event()
     upstream.script = Script(
         headers=[(b"content-type", b"text/event-stream")],
-        chunks=[b"data: {\"n\": 1}\n\n", gate, b"data: {\"n\": 2}\n\n", b"data: [DONE]\n\n"],
+        chunks=[b'data: {"n": 1}\n\n', gate, b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"],
     )
     running = await start_router(nursery, worker_urls=(url,))
     with trio.fail_after(10):
@@ -122,9 +128,7 @@ async def test_sse_events_arrive_while_the_worker_is_still_generating(nursery, c
     await wait_until(lambda: running.router.pool.statistics().total_inflight == 0)
 
 
-async def test_client_disconnect_mid_stream_cancels_the_worker_and_leaks_nothing(
-    nursery, client
-):
+async def test_client_disconnect_mid_stream_cancels_the_worker_and_leaks_nothing(nursery, client):
     upstream, url = await start_scripted(nursery)
     gate = trio.Event()
     upstream.script = Script(
@@ -151,9 +155,7 @@ async def test_client_disconnect_before_the_response_starts_leaks_nothing(nurser
     host, port = running.url.removeprefix("http://").split(":")
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream(host, int(port))
-        await stream.send_all(
-            b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
-        )
+        await stream.send_all(b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
         await wait_until(lambda: upstream.active == 1)
         await stream.aclose()
         await wait_until(lambda: upstream.cancelled == 1)
@@ -211,9 +213,7 @@ async def test_request_that_never_reached_a_worker_is_retried_on_another(nursery
     assert b"trio_router_retries_total" in router.metrics.render()
 
 
-async def test_5xx_storm_is_passed_through_not_retried_and_quarantines_the_worker(
-    nursery, client
-):
+async def test_5xx_storm_is_passed_through_not_retried_and_quarantines_the_worker(nursery, client):
     failing = await start_worker(nursery)
     other = await start_worker(nursery)
     running = await start_router(
@@ -302,7 +302,10 @@ async def test_removing_a_busy_worker_drains_it(nursery, client):
             assert removed.json()["draining"] is True
             listed = (await client.get(running.url + "/list_workers")).json()["urls"]
             assert listed == [other.url]
-            states = {w["url"]: w["state"] for w in (await client.get(running.url + "/workers")).json()["workers"]}
+            states = {
+                w["url"]: w["state"]
+                for w in (await client.get(running.url + "/workers")).json()["workers"]
+            }
             assert states[url] == "draining"
             # new traffic avoids the draining worker
             r = await client.post(running.url + "/generate", json={"text": "new"})

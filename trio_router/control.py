@@ -7,6 +7,7 @@ Prometheus ``/prometheus``. Every error is the JSON error document.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -51,7 +52,8 @@ async def worker_url_argument() -> object:
 
 
 def create_control_app(router: Router) -> QuartTrio:
-    app = QuartTrio("trio_router")
+    here = str(Path(__file__).parent)  # explicit: flask's package lookup trips on editable installs
+    app = QuartTrio(__name__, root_path=here, instance_path=here)
     app.config.update(
         RESPONSE_TIMEOUT=None,  # quart's 60 s default would cut long answers
         BODY_TIMEOUT=60,

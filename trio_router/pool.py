@@ -187,10 +187,9 @@ class WorkerPool:
 
     def _release(self, worker: Worker) -> None:
         worker.inflight -= 1
-        if worker.draining and worker.inflight == 0:
-            if self._workers.get(worker.url) is worker:
-                del self._workers[worker.url]
-                self.version += 1
+        if worker.draining and worker.inflight == 0 and self._workers.get(worker.url) is worker:
+            del self._workers[worker.url]
+            self.version += 1
 
     # -- health -------------------------------------------------------------
 
@@ -282,7 +281,7 @@ def normalize_worker_url(raw: object) -> str:
     from urllib.parse import urlsplit
 
     if not isinstance(raw, str) or not raw.strip():
-        raise BadRequest("worker url is required (use ?url=... or a JSON body {\"url\": ...})")
+        raise BadRequest('worker url is required (use ?url=... or a JSON body {"url": ...})')
     text = raw.strip()
     if "://" not in text:
         raise BadRequest(f"worker url needs a scheme (http:// or https://): {text!r}")

@@ -23,6 +23,7 @@ import hypercorn.trio
 import orjson
 import trio
 
+from ..config import option
 from .generation import Decoder, Finish, Vocab, routed_experts, vocab_from_tokenizer
 from .tokenizer import ByteTokenizer, TokenizerLike
 
@@ -61,12 +62,20 @@ _LOG: Final = logging.getLogger("trio_router.sim")
 class SimWorkerConfig:
     """Static settings of one simulated worker."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    weight_version: str = "v0"
-    latency_per_token_ms: float = 0.0
-    model_path: str = "trio-router/sim"
-    seed: int = 0
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(0, "port to listen on (0 picks a free one)")
+    weight_version: str = option("v0", "weight_version reported in responses")
+    latency_per_token_ms: float = option(0.0, "simulated time per generated token, in ms")
+    model_path: str = option("trio-router/sim", "model path reported by /get_model_info")
+    seed: int = option(0, "seed of the deterministic generator")
+
+    def problems(self) -> list[str]:
+        found = []
+        if not 0 <= self.port <= 65535:
+            found.append(f"port must be 0..65535, not {self.port}")
+        if self.latency_per_token_ms < 0:
+            found.append("latency_per_token_ms must be >= 0")
+        return found
 
 
 @dataclass(slots=True)
@@ -1158,3 +1167,16 @@ async def serve_sim_worker(
             binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hc)
             app.url = binds[0]
             task_status.started(SimWorkerHandle(binds[0], app, scope, hc.created_sockets))
+
+
+async def run_sim_worker_until_signalled(config: SimWorkerConfig) -> None:
+    """Serve a simulated worker until SIGINT/SIGTERM (the ``trio-router worker`` command)."""
+    import signal
+
+    async with trio.open_nursery() as nursery:
+        handle: SimWorkerHandle = await nursery.start(serve_sim_worker, config)
+        print(f"simulated SGLang worker listening on {handle.url}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        handle.kill()
