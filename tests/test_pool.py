@@ -421,7 +421,8 @@ def test_worker_that_passes_probes_but_fails_requests_is_still_quarantined() -> 
         pool.probe_succeeded(url(0), t + 0.5)
         assert w.state is WorkerState.HEALTHY
     transition = pool.request_failed(w, 3.0, "503")
-    assert transition is not None and transition.new is WorkerState.QUARANTINED
+    assert transition is not None
+    assert transition.new is WorkerState.QUARANTINED
 
 
 def test_healthy_worker_success_after_failed_probe_clears_failures() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import httpx
 import orjson
@@ -19,9 +20,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll a condition the router changes just after a response's last byte."""
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110 - the state lives in another process's view
             await trio.sleep(0.01)
 
 
@@ -120,7 +122,8 @@ async def test_sse_events_arrive_while_the_worker_is_still_generating(nursery, c
             first = await anext(lines)
             # The worker is parked at the gate: the first event came through before the rest.
             assert first == 'data: {"n": 1}'
-            assert upstream.active == 1 and upstream.sent_chunks == 1
+            assert upstream.active == 1
+            assert upstream.sent_chunks == 1
             assert running.router.pool.statistics().total_inflight == 1
             gate.set()
             rest = [line async for line in lines if line]
@@ -230,7 +233,8 @@ async def test_5xx_storm_is_passed_through_not_retried_and_quarantines_the_worke
     assert statuses.count(503) == 3
     assert failing.app.stats.requests["/generate"] == 3
     worker = running.router.pool.get(failing.url)
-    assert worker is not None and worker.state.value == "quarantined"
+    assert worker is not None
+    assert worker.state.value == "quarantined"
 
 
 async def test_a_burst_of_4xx_never_marks_a_worker_unhealthy(nursery, client):
