@@ -44,8 +44,8 @@ async def test_quarantine_after_n_failures_and_readmission_after_m_successes(aut
         pool, scripted_probe([(55.0, 115.0)]), interval=10.0, on_transition=record
     )
     with trio.fail_after(1000):
-        await run_checker_for(checker, 300.0)
-    # probes at 0, 10, ..., 300: failures at 60, 70, 80 -> quarantined at 80;
+        await run_checker_for(checker, 305.0)
+    # probes at 0, 10, ..., 300 (31 rounds): failures at 60, 70, 80 -> quarantined at 80;
     # successes at 120, 130 -> healthy again at 130.
     assert seen == [
         (0.0, "pending", "healthy"),

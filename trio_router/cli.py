@@ -88,12 +88,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(
                 partial(run_demo, agents=args.agents, turns=args.turns, serve_forever=args.serve)
             )
-    except ConfigError as exc:
-        print(f"trio-router: error: {exc.message}", file=sys.stderr)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        problem = _config_error(exc)
+        if problem is None:
+            raise
+        print(f"trio-router: error: {problem.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _config_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``exc``, also when nurseries wrapped it in groups."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _config_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

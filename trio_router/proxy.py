@@ -287,17 +287,22 @@ class Proxy:
             )
             progress.response_started = True
             sent = 0
-            finished = False
-            # Iterate to the very end even when the declared length is reached, so
-            # httpcore sees the end of the message and keeps the connection alive.
             async for chunk in body:
                 sent += len(chunk)
                 progress.bytes_sent = sent
-                finished = length is not None and sent >= length
-                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
-            if not finished:
+                if length is not None and sent >= length:
+                    # Read the end of the message (already buffered) before the last
+                    # send, so httpcore can reuse the connection even if the server's
+                    # "stream closed" cancels us right after that send.
+                    async for _ in body:
+                        pass
+                    progress.completed = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                progress.completed = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            progress.completed = True
 
     def _finish(self, request: ProxyRequest, progress: Progress, started: float) -> Outcome:
         router = self.router
