@@ -49,7 +49,7 @@ REQUEST_ERRORS: tuple[type[BaseException], ...] = (
     ProtocolError,
     ConnectionClosed,
 )
-PROBE_ERRORS = (*REQUEST_ERRORS, trio.TooSlowError)
+PROBE_ERRORS: tuple[type[BaseException], ...] = (*REQUEST_ERRORS, trio.TooSlowError)
 PROBE_TIMEOUT = 2.0
 
 

@@ -15,7 +15,7 @@ from .test_proxy import wait_until
 
 async def test_hooks_run_in_the_order_the_plugins_were_listed(nursery, client):
     plugins.CALLS.clear()
-    upstream, url = await start_scripted(nursery)
+    _upstream, url = await start_scripted(nursery)
     running = await start_router(
         nursery,
         worker_urls=(url,),
@@ -61,7 +61,7 @@ async def test_a_plugin_can_rewrite_the_request_and_the_response(nursery, client
 
 
 async def test_an_exception_in_a_plugin_is_a_clean_500_and_the_router_stays_up(nursery, client):
-    upstream, url = await start_scripted(nursery)
+    _upstream, url = await start_scripted(nursery)
     running = await start_router(
         nursery, worker_urls=(url,), middleware_paths=("tests.plugins.Boom",)
     )
@@ -95,7 +95,7 @@ async def test_an_exception_in_a_plugin_is_a_clean_500_and_the_router_stays_up(n
 def test_a_bad_dotted_path_is_a_clear_error_at_start():
     with pytest.raises(ConfigError, match="cannot import middleware module 'no_such_module'"):
         load_middleware(["no_such_module.Thing"], router=None)
-    with pytest.raises(ConfigError, match="must be module.ClassName"):
+    with pytest.raises(ConfigError, match=r"must be module\.ClassName"):
         load_middleware(["Thing"], router=None)
     with pytest.raises(ConfigError, match="must name a subclass"):
         load_middleware(["tests.plugins.NotAMiddleware"], router=None)
