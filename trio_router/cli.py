@@ -60,6 +60,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
 
 
 def _announce(running: RunningRouter) -> None:

@@ -177,7 +177,7 @@ class Proxy:
         progress = Progress()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, progress)
                 await self._exchange(request, send, progress)
                 nursery.cancel_scope.cancel()
         finally:
@@ -343,9 +343,18 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+async def _cancel_on_disconnect(
+    receive: Receive, scope: trio.CancelScope, progress: Progress
+) -> None:
+    """Cancel the exchange if the client goes away before its response is complete.
+
+    The server also reports "disconnect" when a complete response ends, from
+    inside our last ``send``; cancelling then would interrupt the server's own
+    connection handling (an idle keep-alive connection would never be closed).
+    """
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            scope.cancel()
+            if not progress.completed:
+                scope.cancel()
             return
