@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -108,10 +109,10 @@ async def test_sigterm_drains_in_flight_streams_refuses_new_requests_and_exits_0
     python = [sys.executable, "-m", "trio_router"]
     async with trio.open_nursery() as nursery:
         worker = await nursery.start(
-            lambda task_status: trio.run_process(
+            partial(
+                trio.run_process,
                 [*python, "worker", "--port", "0", "--latency-per-token-ms", "20"],
                 stdout=subprocess.PIPE,
-                task_status=task_status,
                 check=False,
             )
         )
@@ -120,7 +121,8 @@ async def test_sigterm_drains_in_flight_streams_refuses_new_requests_and_exits_0
             with trio.fail_after(30):
                 worker_url = (await read_line_with(worker.stdout, b"listening on ")).decode()
                 router = await nursery.start(
-                    lambda task_status: trio.run_process(
+                    partial(
+                        trio.run_process,
                         [
                             *python,
                             "serve",
@@ -134,7 +136,6 @@ async def test_sigterm_drains_in_flight_streams_refuses_new_requests_and_exits_0
                             "warning",
                         ],
                         stdout=subprocess.PIPE,
-                        task_status=task_status,
                         check=False,
                     )
                 )
