@@ -1,0 +1,585 @@
+"""The token cache: a radix tree of token runs, looked up by text.
+
+Edges are runs of token ids, split only at token boundaries, so the tokens of
+any matched path are a sequence the engine really saw. Each node also keeps
+the bytes its tokens decode to (``key``), and a text lookup walks those bytes.
+A match may end inside a node only at a token boundary that is also a UTF-8
+character boundary. Per token the tree stores the logprob and a small code:
+0 for tokens the router tokenized (loss mask 0), ``k > 0`` for tokens the
+engine generated under weight version slot ``k`` (loss mask 1).
+
+*Hidden tails.* SGLang leaves special tokens (``<|im_end|>``) and trimmed stop
+strings out of ``text`` though they are in ``output_ids``. Such a tail is kept
+as its own node marked ``hidden``: a lookup that ends exactly where the
+visible text ends includes it (the trajectory the engine produced), and a
+lookup that goes on with the tail's literal text (``<|im_end|>\\n...``) walks
+through it like any other node.
+
+Pure and synchronous: time is the ``now`` argument, nothing awaits, so every
+method is atomic under trio. In-flight requests pin the deepest node they
+matched; eviction and GC never remove a pinned node or its ancestors.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+PROMPT = 0  # code of a token the router tokenized (mask 0)
+MAX_VERSION_SLOTS = 255
+
+
+def _char_boundary(key: bytes, offset: int) -> bool:
+    return offset >= len(key) or (key[offset] & 0xC0) != 0x80
+
+
+class Node:
+    """A run of tokens; ``key`` is the bytes they decode to."""
+
+    __slots__ = (
+        "children",
+        "codes",
+        "hidden",
+        "ids",
+        "key",
+        "last_access",
+        "logps",
+        "parent",
+        "pins",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        key: bytes,
+        ids: array[int],
+        logps: array[float] | None,
+        codes: array[int] | None,
+        parent: Node | None,
+        now: float,
+    ) -> None:
+        self.key = key
+        self.ids = ids
+        self.logps = logps  # None: every token is a prompt token with logprob 0
+        self.codes = codes
+        self.parent = parent
+        self.children: dict[int, list[Node]] = {}  # by first byte of the child's key
+        self.last_access = now
+        self.pins = 0
+        self.hidden = False
+        self.worker: str | None = None
+
+    def child_starting_with(self, token: int) -> Node | None:
+        for candidates in self.children.values():
+            for child in candidates:
+                if child.ids[0] == token:
+                    return child
+        return None
+
+    def add_child(self, child: Node) -> None:
+        self.children.setdefault(child.key[0], []).append(child)
+
+    def remove_child(self, child: Node) -> None:
+        candidates = self.children[child.key[0]]
+        candidates.remove(child)
+        if not candidates:
+            del self.children[child.key[0]]
+
+    def iter_children(self) -> Iterator[Node]:
+        for candidates in self.children.values():
+            yield from candidates
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+
+@dataclass(slots=True)
+class Trajectory:
+    """A token sequence with what the trainer needs per token."""
+
+    ids: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    versions: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, other: Trajectory) -> None:
+        self.ids.extend(other.ids)
+        self.logps.extend(other.logps)
+        self.mask.extend(other.mask)
+        self.versions.extend(other.versions)
+
+
+@dataclass(slots=True)
+class Match:
+    """The longest cached prefix of a text: nodes and how many tokens of each."""
+
+    path: list[tuple[Node, int]]
+    matched_bytes: int
+
+    @property
+    def token_count(self) -> int:
+        return sum(n for _, n in self.path)
+
+    @property
+    def deepest(self) -> Node | None:
+        return self.path[-1][0] if self.path else None
+
+
+@dataclass(slots=True)
+class TrieStatistics:
+    nodes: int
+    tokens: int
+    max_tokens: int
+    key_bytes: int
+    payload_bytes: int
+    hits: int
+    misses: int
+    evicted_tokens: int
+    gc_removed_tokens: int
+    versions: list[str]
+
+
+class RadixTrie:
+    """Text-addressed cache of token trajectories, with one root per namespace."""
+
+    def __init__(
+        self,
+        token_bytes: Callable[[int], bytes],
+        *,
+        max_tokens: int,
+        low_water: float = 0.9,
+    ) -> None:
+        self.token_bytes = token_bytes
+        self.max_tokens = max_tokens
+        self.low_water = low_water
+        self.roots: dict[str, Node] = {}
+        self.tokens = 0
+        self.node_count = 0
+        self.hits = 0
+        self.misses = 0
+        self.evicted_tokens = 0
+        self.gc_removed_tokens = 0
+        self._slots: list[str | None] = [None]  # slot 0 is PROMPT
+        self._slot_of: dict[str, int] = {}
+        self._order: list[str] = []  # versions by first appearance
+
+    # -- versions -------------------------------------------------------------
+
+    def version_slot(self, version: str) -> int:
+        """The small code for ``version``, allocated on first sight."""
+        slot = self._slot_of.get(version)
+        if slot is not None:
+            return slot
+        try:
+            slot = self._slots.index(None, 1)
+        except ValueError:
+            if len(self._slots) > MAX_VERSION_SLOTS:
+                raise OverflowError(
+                    "more than 255 weight versions cached; run version GC"
+                ) from None
+            slot = len(self._slots)
+            self._slots.append(None)
+        self._slots[slot] = version
+        self._slot_of[version] = slot
+        self._order.append(version)
+        return slot
+
+    @property
+    def versions(self) -> list[str]:
+        """Weight versions in the cache, oldest first (by first appearance)."""
+        return list(self._order)
+
+    # -- lookup -----------------------------------------------------------------
+
+    def match(self, text: bytes, namespace: str = "", now: float = 0.0) -> Match:
+        """The longest cached prefix of ``text`` that ends on a usable token boundary."""
+        root = self.roots.get(namespace)
+        if root is None or not text:
+            self.misses += 1
+            return Match([], 0)
+        path, matched = self._best(root, text, 0) or ([], 0)
+        if matched == len(text) and path and path[-1][1] == len(path[-1][0].ids):
+            self._append_hidden(path)
+        elif matched == len(text) and not path:
+            self._append_hidden(path, root)
+        for node, _ in path:
+            node.last_access = now
+        if path:
+            self.hits += 1
+        else:
+            self.misses += 1
+        return Match(path, matched)
+
+    def _best(self, node: Node, text: bytes, pos: int) -> tuple[list[tuple[Node, int]], int] | None:
+        """The longest match below ``node`` from ``pos`` that ends between characters.
+
+        None when no such end exists (``pos`` itself splits a character and no
+        child gets past it).
+        """
+        best: tuple[list[tuple[Node, int]], int] | None = None
+        if _char_boundary(text, pos):
+            best = ([], pos)
+        best_access = -1.0
+        for child in node.children.get(text[pos], ()) if pos < len(text) else ():
+            found: tuple[list[tuple[Node, int]], int] | None = None
+            if text.startswith(child.key, pos):
+                deeper = self._best(child, text, pos + len(child.key))
+                if deeper is not None:
+                    found = ([(child, len(child.ids)), *deeper[0]], deeper[1])
+                else:
+                    count, size = self._partial(child, text, pos, len(child.key) - 1)
+                    if count:
+                        found = ([(child, count)], pos + size)
+            else:
+                count, size = self._partial(child, text, pos, len(child.key))
+                if count:
+                    found = ([(child, count)], pos + size)
+            if found is None:
+                continue
+            if (
+                best is None
+                or found[1] > best[1]
+                or (found[1] == best[1] and child.last_access > best_access)
+            ):
+                best, best_access = found, child.last_access
+        return best
+
+    def _partial(self, node: Node, text: bytes, pos: int, limit: int) -> tuple[int, int]:
+        """Tokens (and their bytes) of ``node`` spelling ``text[pos:]``, ending between
+        characters and within the first ``limit`` bytes of the node."""
+        key = node.key
+        limit = min(limit, len(key), len(text) - pos)
+        lo, hi = 0, limit  # longest common byte prefix by bisection over slice compares
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if text[pos : pos + mid] == key[:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        common = lo
+        best_count, best_size, offset = 0, 0, 0
+        for index, token in enumerate(node.ids):
+            offset += len(self.token_bytes(token))
+            if offset > common:
+                break
+            if _char_boundary(text, pos + offset):
+                best_count, best_size = index + 1, offset
+        return best_count, best_size
+
+    def _append_hidden(self, path: list[tuple[Node, int]], start: Node | None = None) -> None:
+        node = start if start is not None else path[-1][0]
+        while True:
+            hidden = [c for c in node.iter_children() if c.hidden]
+            if not hidden:
+                return
+            node = max(hidden, key=lambda c: c.last_access)
+            path.append((node, len(node.ids)))
+
+    def trajectory(self, match: Match) -> Trajectory:
+        """The cached tokens of a match, with logprobs, mask and versions."""
+        result = Trajectory()
+        for node, count in match.path:
+            ids = node.ids[:count].tolist()
+            result.ids.extend(ids)
+            if node.logps is None or node.codes is None:
+                result.logps.extend([0.0] * count)
+                result.mask.extend([0] * count)
+                result.versions.extend([None] * count)
+            else:
+                result.logps.extend(node.logps[:count].tolist())
+                codes = node.codes[:count]
+                result.mask.extend(1 if c else 0 for c in codes)
+                slots = self._slots
+                result.versions.extend(slots[c] if c else None for c in codes)
+        return result
+
+    # -- pins ---------------------------------------------------------------------
+
+    def pin(self, match: Match) -> Node | None:
+        """Keep the matched path from eviction until ``unpin``."""
+        node = match.deepest
+        if node is not None:
+            node.pins += 1
+        return node
+
+    def unpin(self, node: Node | None) -> None:
+        if node is not None and node.pins > 0:
+            node.pins -= 1
+
+    # -- insert ---------------------------------------------------------------------
+
+    def insert(
+        self,
+        ids: Sequence[int],
+        logps: Sequence[float],
+        codes: Sequence[int],
+        *,
+        namespace: str = "",
+        hidden_from: int | None = None,
+        worker: str | None = None,
+        now: float = 0.0,
+    ) -> int:
+        """Add a trajectory; returns how many new tokens were stored.
+
+        ``codes`` holds PROMPT or a version slot per token. Tokens from
+        ``hidden_from`` on are a hidden tail (see the module docstring). A run
+        already cached takes the new logprobs and versions when the new ones
+        are generated tokens (the latest weights win). Two tokenizations of the
+        same text are both kept, as sibling branches; a lookup prefers the
+        longer match, then the more recently used.
+        """
+        n = len(ids)
+        if n == 0:
+            return 0
+        boundary = n if hidden_from is None else max(0, min(hidden_from, n))
+        root = self.roots.get(namespace)
+        if root is None:
+            root = Node(b"", array("I"), None, None, None, now)
+            self.roots[namespace] = root
+        node = root
+        index = 0
+        added = 0
+        while index < n:
+            child = node.child_starting_with(ids[index])
+            if child is None:
+                added += self._add_leaves(node, ids, logps, codes, index, boundary, worker, now)
+                break
+            common = 0
+            limit = min(len(child.ids), n - index)
+            while common < limit and child.ids[common] == ids[index + common]:
+                common += 1
+            if index < boundary < index + common:
+                common = boundary - index  # keep the hidden tail in a node of its own
+            if common < len(child.ids):
+                child = self._split(child, common)
+            run = codes[index : index + common]
+            if any(run):
+                child.logps = array("f", logps[index : index + common])
+                child.codes = array("B", run)
+            if worker is not None:
+                child.worker = worker
+            child.last_access = now
+            if index >= boundary:
+                child.hidden = True
+            index += common
+            node = child
+        if added:
+            self.enforce_budget(now)
+        return added
+
+    def _add_leaves(
+        self,
+        parent: Node,
+        ids: Sequence[int],
+        logps: Sequence[float],
+        codes: Sequence[int],
+        start: int,
+        boundary: int,
+        worker: str | None,
+        now: float,
+    ) -> int:
+        pieces = (
+            [(start, boundary), (boundary, len(ids))] if start < boundary else [(start, len(ids))]
+        )
+        node = parent
+        added = 0
+        for lo, hi in pieces:
+            if lo >= hi:
+                continue
+            run_ids = array("I", ids[lo:hi])
+            run_codes = codes[lo:hi]
+            generated = any(run_codes)
+            key = b"".join(map(self.token_bytes, run_ids))
+            if not key:  # tokens that decode to nothing cannot be looked up by text
+                break
+            leaf = Node(
+                key,
+                run_ids,
+                array("f", logps[lo:hi]) if generated else None,
+                array("B", run_codes) if generated else None,
+                node,
+                now,
+            )
+            leaf.hidden = lo >= boundary
+            leaf.worker = worker
+            node.add_child(leaf)
+            self.node_count += 1
+            self.tokens += hi - lo
+            added += hi - lo
+            node = leaf
+        return added
+
+    def _split(self, node: Node, count: int) -> Node:
+        """Cut ``node`` after ``count`` tokens; returns the new upper part.
+
+        The original object keeps the lower part (with its children and pins),
+        so a pin taken on it still covers everything its holder matched.
+        """
+        parent = node.parent
+        assert parent is not None
+        assert 0 < count < len(node.ids)
+        size = sum(len(self.token_bytes(t)) for t in node.ids[:count])
+        upper = Node(
+            node.key[:size],
+            node.ids[:count],
+            node.logps[:count] if node.logps is not None else None,
+            node.codes[:count] if node.codes is not None else None,
+            parent,
+            node.last_access,
+        )
+        upper.worker = node.worker
+        upper.hidden = node.hidden
+        parent.remove_child(node)
+        parent.add_child(upper)
+        node.key = node.key[size:]
+        node.ids = node.ids[count:]
+        if node.logps is not None and node.codes is not None:
+            node.logps = node.logps[count:]
+            node.codes = node.codes[count:]
+            if not any(node.codes):
+                node.logps = node.codes = None
+        if upper.codes is not None and not any(upper.codes):
+            upper.logps = upper.codes = None
+        node.parent = upper
+        upper.add_child(node)
+        self.node_count += 1
+        return upper
+
+    # -- memory -----------------------------------------------------------------
+
+    def enforce_budget(self, now: float) -> int:
+        """Evict least recently used unpinned leaves until under the token budget."""
+        if self.tokens <= self.max_tokens:
+            return 0
+        target = int(self.max_tokens * self.low_water)
+        leaves = sorted(
+            (n for n in self._all_nodes() if n.is_leaf and n.pins == 0),
+            key=lambda n: n.last_access,
+        )
+        evicted = 0
+        queue = list(reversed(leaves))
+        while self.tokens > target and queue:
+            leaf = queue.pop()
+            if not leaf.is_leaf or leaf.pins or leaf.parent is None:
+                continue
+            parent = leaf.parent
+            evicted += self._remove(leaf)
+            if parent.parent is not None and parent.is_leaf and parent.pins == 0:
+                # the parent became a leaf; it is at least as old as the least recent leaf
+                queue.append(parent)
+                queue.sort(key=lambda n: -n.last_access)
+        self.evicted_tokens += evicted
+        return evicted
+
+    def drop_versions_older_than(self, keep: int) -> int:
+        """Remove every node holding tokens of a version older than the newest ``keep``."""
+        if keep < 1 or len(self._order) <= keep:
+            return 0
+        stale = {self._slot_of[v] for v in self._order[:-keep]}
+        removed = 0
+        for root in self.roots.values():
+            stack = list(root.iter_children())
+            while stack:
+                node = stack.pop()
+                codes = node.codes
+                if codes is None or stale.isdisjoint(codes):
+                    stack.extend(node.iter_children())
+                    continue
+                if any(n.pins for n in self._subtree(node)):
+                    continue  # in use: collected on a later pass
+                first = next(i for i, code in enumerate(codes) if code in stale)
+                if first > 0:
+                    self._split(node, first)  # keep the tokens before the stale ones
+                removed += self._remove_subtree(node)
+        still_used: set[int] = set()
+        for node in self._all_nodes():
+            if node.codes is not None:
+                still_used.update(node.codes)
+        for slot in stale - still_used:
+            version = self._slots[slot]
+            assert version is not None
+            self._slots[slot] = None
+            del self._slot_of[version]
+            self._order.remove(version)
+        self.gc_removed_tokens += removed
+        return removed
+
+    def clear(self) -> None:
+        self.roots.clear()
+        self.tokens = self.node_count = 0
+
+    def _remove(self, leaf: Node) -> int:
+        parent = leaf.parent
+        assert parent is not None
+        parent.remove_child(leaf)
+        leaf.parent = None
+        self.node_count -= 1
+        self.tokens -= len(leaf.ids)
+        return len(leaf.ids)
+
+    def _remove_subtree(self, node: Node) -> int:
+        removed = 0
+        for descendant in list(self._subtree(node))[::-1]:
+            removed += self._remove(descendant)
+        return removed
+
+    def _subtree(self, node: Node) -> Iterator[Node]:
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            yield current
+            stack.extend(current.iter_children())
+
+    def _all_nodes(self) -> Iterator[Node]:
+        for root in self.roots.values():
+            for node in self._subtree(root):
+                if node.parent is not None:
+                    yield node
+
+    # -- introspection ------------------------------------------------------------
+
+    def statistics(self) -> TrieStatistics:
+        key_bytes = payload = 0
+        for node in self._all_nodes():
+            key_bytes += len(node.key)
+            payload += node.ids.itemsize * len(node.ids)
+            if node.logps is not None and node.codes is not None:
+                payload += node.logps.itemsize * len(node.logps) + len(node.codes)
+        return TrieStatistics(
+            nodes=self.node_count,
+            tokens=self.tokens,
+            max_tokens=self.max_tokens,
+            key_bytes=key_bytes,
+            payload_bytes=payload,
+            hits=self.hits,
+            misses=self.misses,
+            evicted_tokens=self.evicted_tokens,
+            gc_removed_tokens=self.gc_removed_tokens,
+            versions=self.versions,
+        )
+
+
+def align(
+    visible: bytes, ids: Sequence[int], token_bytes: Callable[[int], bytes]
+) -> tuple[int, int]:
+    """How the tokens ``ids`` line up with the ``visible`` text the client saw.
+
+    Returns ``(visible_tokens, visible_bytes)``: tokens are consumed while
+    their bytes match the text. When the whole text is consumed, the tokens
+    left over form the hidden tail (skipped special tokens, trimmed stop
+    strings). When tokens stop matching before the text ends (a normalised
+    character, a special token skipped mid-text), only the aligned prefix can
+    be keyed by text, and ``visible_bytes < len(visible)`` says so.
+    """
+    pos = 0
+    for index, token in enumerate(ids):
+        chunk = token_bytes(token)
+        if not chunk or not visible.startswith(chunk, pos):
+            return index, pos
+        pos += len(chunk)
+    return len(ids), pos
