@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from .errors import (
 )
 from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
 from .router import Router
+from .upstream import UpstreamResponse
 
 log = logging.getLogger("trio_router.proxy")
 access_log = logging.getLogger("trio_router.access")
@@ -219,58 +221,8 @@ class Proxy:
 
     async def _forward(self, request: ProxyRequest, send: Send, progress: Progress) -> None:
         router = self.router
-        tried: set[str] = set()
-        while True:
-            decision = router.policy.choose(
-                router.pool, request.routing_key, trio.current_time(), frozenset(tried)
-            )
-            router.metrics.decisions.labels(router.policy.name, decision.branch).inc()
-            if router.chain.active:
-                router.chain.on_route(request, decision)
-            worker = decision.worker
-            progress.worker = worker.url
-            lease = router.pool.acquire(worker)
-            try:
-                await self._relay(request, send, progress)
-                return
-            except UpstreamConnectError as exc:
-                self._passive_failure(progress.worker, exc)
-                if progress.response_started or len(tried) >= router.config.max_retries:
-                    raise
-                tried.add(worker.url)
-                router.metrics.retries.labels(request.path).inc()
-                log.info("retrying %s on another worker: %s", request.path, exc.message)
-            except UpstreamError as exc:
-                self._passive_failure(progress.worker, exc)
-                raise
-            finally:
-                lease.release()
-
-    def _passive_failure(self, url: str | None, exc: RouterError) -> None:
-        worker = self.router.pool.get(url) if url else None
-        if worker is None:
-            return
-        transition = self.router.pool.request_failed(worker, trio.current_time(), exc.message)
-        if transition is not None:
-            self.router.health.on_transition(transition)
-        self.router.health.wake(worker.url)
-
-    async def _relay(self, request: ProxyRequest, send: Send, progress: Progress) -> None:
-        router = self.router
-        url = progress.worker
-        assert url is not None
-        upstream_headers = forward_headers(request.headers, DROP_REQUEST)
-        async with router.upstream.stream(
-            url, request.method.encode(), request.target, upstream_headers, request.body
-        ) as response:
-            worker = router.pool.get(url)
-            if worker is not None:
-                if response.status >= 500:
-                    self._passive_failure(url, UpstreamError(f"worker answered {response.status}"))
-                else:
-                    transition = router.pool.request_succeeded(worker, trio.current_time())
-                    if transition is not None:
-                        router.health.on_transition(transition)
+        async with open_exchange(router, request, progress) as response:
+            url = response.url
             head = ResponseHead(
                 response.status, forward_headers(response.headers, DROP_RESPONSE), url
             )
@@ -331,6 +283,93 @@ class Proxy:
             completed=progress.completed,
             error=progress.error,
         )
+
+
+@asynccontextmanager
+async def open_exchange(
+    router: Router, request: ProxyRequest, progress: Progress | None = None
+) -> AsyncIterator[UpstreamResponse]:
+    """Choose a worker, lease it and open its response to ``request``.
+
+    A request that provably never reached a worker (connection refused) is
+    sent to another, up to ``max_retries`` times. Connection errors and 5xx
+    answers count against the worker; the lease is released however the
+    block ends.
+    """
+    progress = progress if progress is not None else Progress()
+    tried: set[str] = set()
+    headers = forward_headers(request.headers, DROP_REQUEST)
+    method = request.method.encode()
+    while True:
+        decision = router.policy.choose(
+            router.pool, request.routing_key, trio.current_time(), frozenset(tried)
+        )
+        router.metrics.decisions.labels(router.policy.name, decision.branch).inc()
+        if router.chain.active:
+            router.chain.on_route(request, decision)
+        worker = decision.worker
+        progress.worker = worker.url
+        async with AsyncExitStack() as stack:
+            stack.callback(router.pool.acquire(worker).release)
+            try:
+                response = await stack.enter_async_context(
+                    router.upstream.stream(
+                        worker.url, method, request.target, headers, request.body
+                    )
+                )
+            except UpstreamConnectError as exc:
+                passive_failure(router, worker.url, exc)
+                if len(tried) >= router.config.max_retries:
+                    raise
+                tried.add(worker.url)
+                router.metrics.retries.labels(request.path).inc()
+                log.info("retrying %s on another worker: %s", request.path, exc.message)
+                continue
+            if response.status >= 500:
+                passive_failure(
+                    router, worker.url, UpstreamError(f"worker answered {response.status}")
+                )
+            else:
+                transition = router.pool.request_succeeded(worker, trio.current_time())
+                if transition is not None:
+                    router.health.on_transition(transition)
+            try:
+                yield response
+            except UpstreamError as exc:
+                passive_failure(router, worker.url, exc)
+                raise
+            return
+
+
+@dataclass(slots=True)
+class Fetched:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    worker: str
+
+
+async def fetch(router: Router, request: ProxyRequest) -> Fetched:
+    """Send ``request`` to a worker and read the whole answer (for middleware)."""
+    async with open_exchange(router, request) as response:
+        chunks = [chunk async for chunk in response]
+        return Fetched(
+            response.status,
+            forward_headers(response.headers, DROP_RESPONSE),
+            b"".join(chunks),
+            response.url,
+        )
+
+
+def passive_failure(router: Router, url: str, exc: RouterError) -> None:
+    """A proxied request failed on ``url``: count it and have the worker probed now."""
+    worker = router.pool.get(url)
+    if worker is None:
+        return
+    transition = router.pool.request_failed(worker, trio.current_time(), exc.message)
+    if transition is not None:
+        router.health.on_transition(transition)
+    router.health.wake(url)
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
