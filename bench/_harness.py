@@ -256,14 +256,12 @@ class HttpConn:
             with contextlib.suppress(*REQUEST_ERRORS):
                 await stream.aclose()
 
-    async def _send(self, request: bytes) -> bool:
-        """Send ``request``; True if it went out on an already-open (reused) connection."""
-        reused = self._stream is not None
+    async def _send(self, request: bytes) -> None:
+        """Send ``request``, connecting first if needed."""
         if self._stream is None:
             self._stream = await trio.open_tcp_stream(self.host, self.port)
             self._buf.clear()
         await self._stream.send_all(request)
-        return reused
 
     async def _fill(self) -> None:
         assert self._stream is not None
@@ -356,12 +354,14 @@ class HttpConn:
         A keep-alive connection the server closed while idle is retried once on a new one.
         """
         for attempt in (0, 1):
+            reused = self._stream is not None
             try:
-                reused = await self._send(request)
+                await self._send(request)
                 status, length, chunked, keep_alive = await self._head()
             except (ConnectionClosed, trio.BrokenResourceError, ConnectionResetError):
+                nothing_received = not self._buf
                 await self.aclose()
-                if attempt == 0 and reused and not self._buf:
+                if attempt == 0 and reused and nothing_received:
                     continue
                 raise
             break

@@ -15,12 +15,17 @@ How to read it:
 * ``req/s``, ``p50``/``p99`` -- client-side throughput and latency (send to last body byte).
   ``router_p50_added_ms`` is router p50 minus direct p50 at the same concurrency;
   ``router_rps_ratio`` is router req/s over direct req/s (1.0 = the router costs nothing).
-  Direct uses one worker and the router two, so a ratio above 1 is possible.
+  By default direct uses one worker and the router two: where one worker is the bottleneck
+  (high concurrency, many streams) that favours the router, and the router can even look
+  faster; ``--direct-to both`` spreads the direct connections over both workers instead, for
+  the same worker capacity on both sides.
 * ``router us/req`` -- the router process's CPU time (utime + stime from /proc/<pid>/stat)
   during the window, divided by the requests completed in it: the router's cost per request,
-  independent of how busy the machine was. In the direct rows it is the router's idle
+  largely independent of how busy the machine was. In the direct rows it is the router's idle
   background (health probes) and should be ~0. ``workers us/req`` is the same for the workers
-  (the one targeted when direct, both through the router), ``client us/req`` for this process.
+  (those targeted when direct, both through the router), ``client us/req`` for this process.
+  Note that a worker's CPU per request grows when it idles between requests (each wake-up
+  costs syscalls), so it is higher through a slower path even if the worker does no more work.
 * ``busy%`` -- all CPUs of the machine together. Near 100 % the numbers are CPU-bound: router,
   workers and client share the cores, so req/s is then capped by total CPU per request.
 * stream ``ttfe`` -- time from sending the request to receiving the first complete SSE
@@ -38,7 +43,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -202,30 +207,34 @@ async def stream_exchange(request: bytes, conn: HttpConn, window: Window) -> Non
 
 async def run_window(
     window: Window,
-    port: int,
-    exchange: Exchange,
+    targets: Sequence[tuple[int, Exchange]],
     *,
     duration: float,
     max_requests: int,
     stack: Stack,
     worker_pids: Sequence[int],
 ) -> Window:
-    """Warm up ``window.concurrency`` connections, then run the closed loop for ``duration``."""
-    conns = [HttpConn(port) for _ in range(window.concurrency)]
+    """Warm up ``window.concurrency`` connections, then run the closed loop for ``duration``.
+
+    Connection ``i`` talks to ``targets[i % len(targets)]`` (a port and what to send there).
+    """
+    spread = [targets[i % len(targets)] for i in range(window.concurrency)]
+    conns = [(HttpConn(port), exchange) for port, exchange in spread]
+    ports = ", ".join(str(port) for port, _ in targets)
     warm = Window(window.kind, window.target, window.concurrency, window.round)
     started = 0
 
-    async def warm_up(conn: HttpConn) -> None:
+    async def warm_up(conn: HttpConn, exchange: Exchange) -> None:
         for _ in range(WARMUP_REQUESTS):
             try:
                 await exchange(conn, warm)
             except REQUEST_ERRORS as exc:
                 raise BenchError(
-                    f"warm-up {window.kind} request to {window.target} (port {port}) failed: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"warm-up {window.kind} request to {window.target} (port {conn.port}) "
+                    f"failed: {type(exc).__name__}: {exc}"
                 ) from None
 
-    async def client(conn: HttpConn, end: float) -> None:
+    async def client(conn: HttpConn, exchange: Exchange, end: float) -> None:
         nonlocal started
         while time.perf_counter() < end and started < max_requests:
             started += 1
@@ -239,31 +248,30 @@ async def run_window(
     try:
         with trio.fail_after(duration + WINDOW_SLACK):
             async with trio.open_nursery() as nursery:
-                for conn in conns:
-                    nursery.start_soon(warm_up, conn)
+                for conn, exchange in conns:
+                    nursery.start_soon(warm_up, conn, exchange)
             if warm.errors:
                 raise BenchError(
-                    f"warm-up {window.kind} requests to {window.target} (port {port}) "
+                    f"warm-up {window.kind} requests to {window.target} (port {ports}) "
                     f"got {warm.errors} error responses"
                 )
             before = CpuSnapshot.take(stack.pids)
             client_before = time.process_time()
             end = before.wall + duration
             async with trio.open_nursery() as nursery:
-                for conn in conns:
-                    nursery.start_soon(client, conn, end)
+                for conn, exchange in conns:
+                    nursery.start_soon(client, conn, exchange, end)
             after = CpuSnapshot.take(stack.pids)
             client_after = time.process_time()
     except trio.TooSlowError:
         raise BenchError(
-            f"{window.kind} window to {window.target} did not finish within "
+            f"{window.kind} window to {window.target} (port {ports}) did not finish within "
             f"{duration + WINDOW_SLACK:g} s"
         ) from None
     finally:
-        for conn in conns:
+        for conn, _ in conns:
             await conn.aclose()
-    stack_children = [stack.router, *stack.workers]
-    for child in stack_children:
+    for child in (stack.router, *stack.workers):
         child.check_alive()
     window.elapsed = after.wall - before.wall
     window.router_cpu = before.delta(after, stack.router.pid)
@@ -277,28 +285,47 @@ async def run_window(
 # ---------------------------------------------------------------- phases
 
 
+async def run_pair(
+    window: Window,
+    stack: Stack,
+    body: dict[str, object],
+    make: Callable[[bytes], Exchange],
+    args: argparse.Namespace,
+) -> Window:
+    """Run ``window`` against its target: the router, or one/both workers directly."""
+    if window.target == "router":
+        ports, pids = [stack.router_port], [w.pid for w in stack.workers]
+    else:
+        n = 1 if args.direct_to == "one" else len(stack.workers)
+        ports, pids = stack.worker_ports[:n], [w.pid for w in stack.workers[:n]]
+    raw = json_body(body)
+    targets = [(port, make(encode_request("POST", port, "/generate", raw))) for port in ports]
+    return await run_window(
+        window,
+        targets,
+        duration=args.duration,
+        max_requests=args.max_requests,
+        stack=stack,
+        worker_pids=pids,
+    )
+
+
 async def small_phase(
     children: Children, args: argparse.Namespace, log: Callable[[str], None]
 ) -> list[Window]:
+    """Small non-streaming requests at each concurrency, direct and routed, ``rounds`` times."""
     stack = await start_stack(children, "small", 0.0)
-    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": args.max_new_tokens}}
+    body: dict[str, object] = {
+        "text": PROMPT,
+        "sampling_params": {"max_new_tokens": args.max_new_tokens},
+    }
     windows = []
     try:
         for conc in args.concurrency:
             for rnd in range(args.rounds):
                 for target in ("direct", "router"):
-                    port = stack.worker_ports[0] if target == "direct" else stack.router_port
-                    pids = stack.workers[0:1] if target == "direct" else stack.workers
-                    request = encode_request("POST", port, "/generate", json_body(body))
-                    w = await run_window(
-                        Window("small", target, conc, rnd),
-                        port,
-                        partial(small_exchange, request),
-                        duration=args.duration,
-                        max_requests=args.max_requests,
-                        stack=stack,
-                        worker_pids=[p.pid for p in pids],
-                    )
+                    window = Window("small", target, conc, rnd)
+                    w = await run_pair(window, stack, body, _small, args)
                     s = w.summary()
                     log(
                         f"  small c={conc:<3} round {rnd + 1} {target:<6} {s['rps']:8.1f} req/s"
@@ -313,8 +340,9 @@ async def small_phase(
 async def stream_phase(
     children: Children, args: argparse.Namespace, log: Callable[[str], None]
 ) -> list[Window]:
+    """Concurrent SSE streams from slow-ish workers, direct and routed, ``rounds`` times."""
     stack = await start_stack(children, "stream", args.stream_latency_ms)
-    body = {
+    body: dict[str, object] = {
         "text": PROMPT,
         "stream": True,
         "sampling_params": {"max_new_tokens": args.stream_tokens, "ignore_eos": True},
@@ -323,18 +351,8 @@ async def stream_phase(
     try:
         for rnd in range(args.rounds):
             for target in ("direct", "router"):
-                port = stack.worker_ports[0] if target == "direct" else stack.router_port
-                pids = stack.workers[0:1] if target == "direct" else stack.workers
-                request = encode_request("POST", port, "/generate", json_body(body))
-                w = await run_window(
-                    Window("stream", target, args.stream_concurrency, rnd),
-                    port,
-                    partial(stream_exchange, request),
-                    duration=args.duration,
-                    max_requests=args.max_requests,
-                    stack=stack,
-                    worker_pids=[p.pid for p in pids],
-                )
+                window = Window("stream", target, args.stream_concurrency, rnd)
+                w = await run_pair(window, stack, body, _stream, args)
                 s = w.summary()
                 log(
                     f"  stream c={w.concurrency:<3} round {rnd + 1} {target:<6} "
@@ -345,6 +363,14 @@ async def stream_phase(
     finally:
         children.stop([stack.router, *stack.workers])
     return windows
+
+
+def _small(request: bytes) -> Exchange:
+    return partial(small_exchange, request)
+
+
+def _stream(request: bytes) -> Exchange:
+    return partial(stream_exchange, request)
 
 
 # ---------------------------------------------------------------- report
@@ -376,9 +402,10 @@ def report(
     """The readable tables and the flat figures."""
     figures: dict[str, float] = {}
     out: list[str] = []
+    direct = "direct = " + ("one worker" if args.direct_to == "one" else "both workers")
     out.append(
         f"small POST /generate (max_new_tokens={args.max_new_tokens}), closed loop, "
-        f"{args.duration:g} s x {args.rounds} rounds, medians"
+        f"{args.duration:g} s x {args.rounds} rounds, medians; {direct}"
     )
     rows = []
     for conc in args.concurrency:
@@ -447,7 +474,7 @@ def report(
     out.append(
         f"streamed POST /generate (max_new_tokens={args.stream_tokens}, "
         f"{args.stream_latency_ms:g} ms/token), {args.stream_concurrency} concurrent streams, "
-        f"{args.duration:g} s x {args.rounds} rounds, medians"
+        f"{args.duration:g} s x {args.rounds} rounds, medians; {direct}"
     )
     rows = []
     m = {t: medians([w for w in stream if w.target == t]) for t in ("direct", "router")}
@@ -465,6 +492,7 @@ def report(
                 fmt(s["router_cpu_us"]),
                 fmt(s["router_cpu_pct"]),
                 fmt(s["worker_cpu_us"]),
+                fmt(s["client_cpu_us"]),
                 fmt(s["busy_pct"]),
             ]
         )
@@ -490,6 +518,7 @@ def report(
                 "router us/event",
                 "router cpu%",
                 "workers us/event",
+                "client us/event",
                 "busy%",
             ],
             rows,
@@ -525,6 +554,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-requests", type=int, default=200_000, help="cap on requests per window"
+    )
+    parser.add_argument(
+        "--direct-to",
+        choices=("one", "both"),
+        default="one",
+        help="direct windows use one worker (default) or spread their connections over both, "
+        "like the router does",
     )
     parser.add_argument("--skip-stream", action="store_true", help="small requests only")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write figures as JSON")
@@ -570,17 +606,30 @@ async def run(args: argparse.Namespace, children: Children) -> int:
     return 0
 
 
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     children = Children()
     try:
         return trio.run(run, args, children)
-    except BenchError as exc:
-        print(f"proxy_overhead: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("proxy_overhead: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        leaves = list(_leaves(exc))
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            print("proxy_overhead: interrupted", file=sys.stderr)
+            return 130
+        if leaves and all(isinstance(e, BenchError) for e in leaves):
+            for e in dict.fromkeys(str(e) for e in leaves):
+                print(f"proxy_overhead: error: {e}", file=sys.stderr)
+            return 1
+        raise
     finally:
         children.stop_all()
 
