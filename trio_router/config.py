@@ -69,6 +69,17 @@ class RouterConfig:
     hash_load_factor: float = option(
         1.25, "bounded load of consistent_hash: multiple of the mean in-flight count"
     )
+    radix_tree_max_size: int = option(
+        0, "token budget of the token cache (0 = off); turns on token-exact /generate"
+    )
+    hf_checkpoint: str | None = option(
+        None, "directory with the tokenizer files (default: the shipped Qwen3 tokenizer)"
+    )
+    gc_threshold_k: int = option(5, "token cache keeps the newest k weight versions")
+    cache_gc_interval: float = option(30.0, "seconds between token cache GC passes")
+    namespace_header: str = option(
+        "x-trio-router-namespace", "header naming a tenant namespace of cached trajectories"
+    )
     prometheus_port: int | None = option(
         None, "serve Prometheus metrics on this extra port too (always at /prometheus)"
     )
@@ -105,6 +116,12 @@ class RouterConfig:
         ):
             if getattr(self, name) < 1:
                 found.append(f"{name} must be >= 1")
+        if self.radix_tree_max_size < 0:
+            found.append("radix_tree_max_size must be >= 0")
+        if self.gc_threshold_k < 1:
+            found.append("gc_threshold_k must be >= 1")
+        if self.cache_gc_interval <= 0:
+            found.append("cache_gc_interval must be > 0")
         if self.max_retries < 0:
             found.append("max_retries must be >= 0")
         if self.sticky_spill_factor < 1 or self.hash_load_factor < 1:

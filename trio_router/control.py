@@ -154,6 +154,15 @@ def create_control_app(router: Router) -> QuartTrio:
     async def metrics() -> Response:
         return json_response(router.json_metrics())
 
+    @app.post("/retrieve_from_text")
+    async def retrieve_from_text() -> Response:
+        cache = router.token_cache
+        if cache is None:
+            raise BadRequest("the token cache is off; start the router with --radix-tree-max-size")
+        body = await json_object()
+        namespace = request.headers.get(router.config.namespace_header, "")
+        return json_response(await cache.retrieve(body.get("text"), namespace))
+
     @app.get("/prometheus")
     async def prometheus() -> Response:
         return Response(router.metrics.render(), content_type=PROMETHEUS_CONTENT_TYPE)

@@ -5,7 +5,8 @@ A middleware subclasses ``Middleware`` and overrides any of five hooks::
     on_request(request)               before routing; may rewrite the request or answer it
     on_route(request, decision)       which worker the policy chose, and why
     on_response_start(request, head)  the worker's status and headers; may change them
-    transform_body(request, head, b)  wraps the body iterator; may observe or rewrite chunks
+    transform_body(request, head, b)  wraps the body iterator; may observe (a ``Tap``) or
+                                      rewrite chunks
     on_response_end(request, outcome) after the last byte, or after a failure or disconnect
 
 Only overridden hooks are called, in the order the middleware were listed
@@ -89,6 +90,28 @@ class Outcome:
     error: RouterError | None = None
 
 
+class Tap(AsyncIterator[bytes]):
+    """A body wrapper that passes every chunk through unchanged (it only watches).
+
+    ``transform_body`` may return one; unlike any other wrapper it keeps the
+    response's ``content-length`` and framing. Subclasses override ``seen``.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
+        self._body = body
+
+    def __aiter__(self) -> Tap:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._body.__anext__()
+        self.seen(chunk)
+        return chunk
+
+    def seen(self, chunk: bytes) -> None:
+        """Called with each chunk as it passes."""
+
+
 class Middleware:
     """Base class of plugins. ``__init__`` may take a keyword ``router``."""
 
@@ -169,13 +192,16 @@ class MiddlewareChain:
         self, request: ProxyRequest, head: ResponseHead, body: AsyncIterator[bytes]
     ) -> tuple[AsyncIterator[bytes], bool]:
         """The wrapped body, and whether any plugin replaced it (length may change)."""
-        original = body
+        replaced = False
         for name, hook in self._transform:
             try:
-                body = hook(request, head, body)
+                wrapped = hook(request, head, body)
             except Exception as exc:
                 raise _fail(name, "transform_body", exc) from exc
-        return body, body is not original
+            if wrapped is not body and not isinstance(wrapped, Tap):
+                replaced = True
+            body = wrapped
+        return body, replaced
 
     async def on_response_end(self, request: ProxyRequest, outcome: Outcome) -> None:
         for name, hook in self._on_end:

@@ -196,17 +196,25 @@ class RadixTrie:
 
     # -- lookup -----------------------------------------------------------------
 
-    def match(self, text: bytes, namespace: str = "", now: float = 0.0) -> Match:
-        """The longest cached prefix of ``text`` that ends on a usable token boundary."""
+    def match(
+        self, text: bytes, namespace: str = "", now: float = 0.0, *, with_hidden_tail: bool = True
+    ) -> Match:
+        """The longest cached prefix of ``text`` that ends on a usable token boundary.
+
+        With ``with_hidden_tail`` (for retrieval), a text that ends exactly where a
+        trajectory's visible text ended also gets its hidden tail; a prompt to
+        forward wants only tokens that spell the text.
+        """
         root = self.roots.get(namespace)
         if root is None or not text:
             self.misses += 1
             return Match([], 0)
         path, matched = self._best(root, text, 0) or ([], 0)
-        if matched == len(text) and path and path[-1][1] == len(path[-1][0].ids):
-            self._append_hidden(path)
-        elif matched == len(text) and not path:
-            self._append_hidden(path, root)
+        if with_hidden_tail and matched == len(text):
+            if path and path[-1][1] == len(path[-1][0].ids):
+                self._append_hidden(path)
+            elif not path:
+                self._append_hidden(path, root)
         for node, _ in path:
             node.last_access = now
         if path:

@@ -19,18 +19,27 @@ import trio
 from .config import RouterConfig
 from .errors import BadRequest, ConfigError
 from .health import HealthChecker, Probe, http_probe
-from .hooks import MiddlewareChain, load_middleware
+from .hooks import Middleware, MiddlewareChain, load_middleware
 from .metrics import Metrics
 from .policies import Policy, make_policy
 from .pool import HealthRules, Transition, Worker, WorkerPool, normalize_worker_url
 from .supervise import ServiceBoard, supervise
+from .token_cache import CacheSettings, TokenCache
+from .tokenizer import Tokenizer, load_tokenizer
 from .upstream import Upstream, UpstreamLimits
 
 
 class Router:
     """The router's state and the operations the HTTP edge calls."""
 
-    def __init__(self, config: RouterConfig, *, http: httpx.AsyncClient, probe: Probe) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        http: httpx.AsyncClient,
+        probe: Probe,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         self.config = config
         self.http = http
         self.rng = random.Random(config.seed)
@@ -63,7 +72,23 @@ class Router:
                 connect_timeout=config.connect_timeout,
             )
         )
-        self.chain = MiddlewareChain(load_middleware(config.middleware_paths, self))
+        self.token_cache: TokenCache | None = None
+        builtin: list[Middleware] = []
+        if config.radix_tree_max_size > 0:
+            if tokenizer is None:
+                raise ConfigError("the token cache needs a tokenizer")
+            self.token_cache = TokenCache(
+                tokenizer,
+                CacheSettings(
+                    max_tokens=config.radix_tree_max_size,
+                    gc_threshold_k=config.gc_threshold_k,
+                    gc_interval=config.cache_gc_interval,
+                    namespace_header=config.namespace_header.lower().encode(),
+                    max_text_bytes=config.max_body_size,
+                ),
+            )
+            builtin.append(self.token_cache)
+        self.chain = MiddlewareChain([*builtin, *load_middleware(config.middleware_paths, self)])
 
     def _count_transition(self, t: Transition) -> None:
         self.metrics.transitions.labels(t.url, t.old.value, t.new.value).inc()
@@ -126,7 +151,7 @@ class Router:
                 "policy": self.policy.name,
                 "workers": [w.snapshot() for w in self.pool],
             },
-            "cache": {},
+            "cache": self.token_cache.report() if self.token_cache else {"enabled": False},
         }
 
 
@@ -141,7 +166,10 @@ async def open_router(config: RouterConfig, *, probe: Probe | None = None) -> As
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
         if probe is None:
             probe = http_probe(http, config.health_check_endpoint, config.health_check_timeout)
-        router = Router(config, http=http, probe=probe)
+        tokenizer = None
+        if config.radix_tree_max_size > 0:
+            tokenizer = await trio.to_thread.run_sync(load_tokenizer, config.hf_checkpoint)
+        router = Router(config, http=http, probe=probe, tokenizer=tokenizer)
         now = trio.current_time()
         for raw in config.worker_urls:
             try:
@@ -151,6 +179,10 @@ async def open_router(config: RouterConfig, *, probe: Probe | None = None) -> As
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervise, "health", router.health.run, router.services)
+                if router.token_cache is not None:
+                    await nursery.start(
+                        supervise, "cache_gc", router.token_cache.gc_loop, router.services
+                    )
                 try:
                     yield router
                 finally:

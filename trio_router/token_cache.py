@@ -1,0 +1,353 @@
+"""Token-exact trajectories: ``/generate`` interception and ``/retrieve_from_text``.
+
+For a ``/generate`` with ``text``, the router looks up the longest cached
+prefix of that text, tokenizes only the remainder, and forwards ``input_ids``
+(cached ids + new ids) with ``return_logprob: true``. When the answer is
+complete it records prompt + generated ids, their logprobs, the loss mask
+(0 for tokens the router tokenized, 1 for generated ones) and the weight
+version of each generated token. ``/retrieve_from_text`` then returns, for any
+text the router produced, exactly the tokens the engine consumed and produced.
+
+It is a built-in ``Middleware``, on the same hooks a user's plugin gets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import trio
+
+from .errors import BadRequest
+from .hooks import Middleware, Outcome, ProxyRequest, Reply, ResponseHead, Tap
+from .radix import PROMPT, Node, RadixTrie, Trajectory, align
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("trio_router.token_cache")
+
+STATE_KEY = "token_cache"
+
+
+@dataclass(slots=True)
+class CacheSettings:
+    max_tokens: int
+    gc_threshold_k: int = 5
+    gc_interval: float = 30.0
+    namespace_header: bytes = b"x-trio-router-namespace"
+    max_text_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    requests: int = 0
+    cached_prompt_tokens: int = 0
+    fresh_prompt_tokens: int = 0
+    recorded: int = 0
+    alignment_failures: int = 0
+    unrecorded: int = 0
+    retrievals: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """What one intercepted /generate carries from request to response."""
+
+    namespace: str
+    prompt: Trajectory
+    prompt_text: bytes
+    stream: bool
+    pinned: Node | None
+    chunks: list[bytes] = field(default_factory=list)
+    last_event: bytes | None = None
+
+
+class _SSETap(Tap):
+    """Remembers the last complete ``data:`` event of an SSE stream (they are cumulative)."""
+
+    def __init__(self, body: AsyncIterator[bytes], pending: Pending) -> None:
+        super().__init__(body)
+        self.pending = pending
+        self.buffer = bytearray()
+
+    def seen(self, chunk: bytes) -> None:
+        start = max(0, len(self.buffer) - 1)
+        self.buffer += chunk
+        end = self.buffer.rfind(b"\n\n", start)
+        if end < 0:
+            return
+        for event in bytes(self.buffer[:end]).split(b"\n\n"):
+            event = event.strip()
+            if event.startswith(b"data:") and event[5:].strip() != b"[DONE]":
+                self.pending.last_event = event[5:].strip()
+        del self.buffer[: end + 2]
+
+
+class _BodyTap(Tap):
+    def __init__(self, body: AsyncIterator[bytes], pending: Pending) -> None:
+        super().__init__(body)
+        self.pending = pending
+
+    def seen(self, chunk: bytes) -> None:
+        self.pending.chunks.append(chunk)
+
+
+class TokenCache(Middleware):
+    """The radix-tree token cache and the hooks that fill it."""
+
+    def __init__(self, tokenizer: Tokenizer, settings: CacheSettings) -> None:
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.trie = RadixTrie(tokenizer.token_bytes, max_tokens=settings.max_tokens)
+        self.counters = CacheCounters()
+
+    def namespace(self, request: ProxyRequest) -> str:
+        value = request.header(self.settings.namespace_header)
+        return value.decode("utf-8", "replace") if value else ""
+
+    # -- request ------------------------------------------------------------------
+
+    async def on_request(self, request: ProxyRequest) -> Reply | None:
+        if request.path != "/generate" or request.method not in ("POST", "PUT"):
+            return None
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return None  # the worker answers malformed input itself
+        if not isinstance(body, dict):
+            return None
+        text = body.get("text")
+        input_ids = body.get("input_ids")
+        namespace = self.namespace(request)
+        now = trio.current_time()
+        if isinstance(text, str) and input_ids is None and "input_embeds" not in body:
+            if not text:
+                return None
+            prompt_text = text.encode()
+            match = self.trie.match(prompt_text, namespace, now, with_hidden_tail=False)
+            pinned = self.trie.pin(match)
+            try:
+                prompt = self.trie.trajectory(match)
+                remainder = prompt_text[match.matched_bytes :].decode()
+                fresh = await self.tokenizer.aencode(remainder) if remainder else []
+            except BaseException:
+                self.trie.unpin(pinned)
+                raise
+            prompt.extend(_prompt_tokens(fresh))
+            del body["text"]
+            body["input_ids"] = prompt.ids
+            self.counters.cached_prompt_tokens += match.token_count
+            self.counters.fresh_prompt_tokens += len(fresh)
+        elif _is_id_list(input_ids, self.tokenizer.vocab_size):
+            assert isinstance(input_ids, list)
+            prompt, pinned = self._known_prefix(input_ids, namespace, now)
+            prompt_text = b"".join(map(self.tokenizer.token_bytes, input_ids))
+        else:
+            return None  # batches and embeddings pass through unrecorded
+        self.counters.requests += 1
+        body["return_logprob"] = True
+        request.body = orjson.dumps(body)
+        request.state[STATE_KEY] = Pending(
+            namespace, prompt, prompt_text, bool(body.get("stream")), pinned
+        )
+        return None
+
+    def _known_prefix(
+        self, ids: list[int], namespace: str, now: float
+    ) -> tuple[Trajectory, Node | None]:
+        """The prompt ids with what the cache knows about their longest cached prefix."""
+        key = b"".join(map(self.tokenizer.token_bytes, ids))
+        match = self.trie.match(key, namespace, now, with_hidden_tail=False)
+        cached = self.trie.trajectory(match)
+        same = 0
+        while same < min(len(cached.ids), len(ids)) and cached.ids[same] == ids[same]:
+            same += 1
+        prompt = Trajectory(
+            cached.ids[:same], cached.logps[:same], cached.mask[:same], cached.versions[:same]
+        )
+        prompt.extend(_prompt_tokens(ids[same:]))
+        return prompt, self.trie.pin(match)
+
+    # -- response -----------------------------------------------------------------
+
+    def transform_body(
+        self, request: ProxyRequest, head: ResponseHead, body: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        pending = request.state.get(STATE_KEY)
+        if not isinstance(pending, Pending) or head.status != 200:
+            return body
+        return _SSETap(body, pending) if pending.stream else _BodyTap(body, pending)
+
+    async def on_response_end(self, request: ProxyRequest, outcome: Outcome) -> None:
+        pending = request.state.pop(STATE_KEY, None)
+        if not isinstance(pending, Pending):
+            return
+        try:
+            if outcome.completed and outcome.status == 200:
+                self.record(pending, outcome.worker)
+            else:
+                self.counters.unrecorded += 1
+        finally:
+            self.trie.unpin(pending.pinned)
+
+    def record(self, pending: Pending, worker: str | None) -> None:
+        """Insert the trajectories of a finished /generate answer."""
+        raw = pending.last_event if pending.stream else b"".join(pending.chunks)
+        if not raw:
+            self.counters.unrecorded += 1
+            return
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.counters.unrecorded += 1
+            return
+        for item in answer if isinstance(answer, list) else [answer]:
+            self.insert_answer(pending, item, worker)
+
+    def insert_answer(self, pending: Pending, item: Any, worker: str | None) -> None:
+        generated = _generated(item)
+        if generated is None:
+            self.counters.unrecorded += 1
+            return
+        ids, logps, version, text = generated
+        slot = self.trie.version_slot(version)
+        prompt = pending.prompt
+        all_ids = prompt.ids + ids
+        codes = [self.trie.version_slot(v) if v else PROMPT for v in prompt.versions]
+        codes += [slot] * len(ids)
+        visible = pending.prompt_text + text.encode()
+        tokens, consumed = align(visible, all_ids, self.tokenizer.token_bytes)
+        if consumed < len(visible):
+            # the tokens stop spelling the visible text before it ends (normalised
+            # characters, a special token skipped mid-text): keep the aligned part
+            self.counters.alignment_failures += 1
+            all_ids = all_ids[:tokens]
+            hidden_from = None
+        else:
+            hidden_from = tokens
+        self.trie.insert(
+            all_ids,
+            (prompt.logps + logps)[: len(all_ids)],
+            codes[: len(all_ids)],
+            namespace=pending.namespace,
+            hidden_from=hidden_from,
+            worker=worker,
+            now=trio.current_time(),
+        )
+        self.counters.recorded += 1
+
+    # -- retrieval ------------------------------------------------------------------
+
+    async def retrieve(self, text: object, namespace: str) -> dict[str, Any]:
+        """The trajectory of ``text``: cached tokens, then fresh ones for the rest."""
+        if not isinstance(text, str):
+            raise BadRequest('"text" must be a string')
+        if not text:
+            raise BadRequest('"text" must not be empty')
+        key = text.encode()
+        if len(key) > self.settings.max_text_bytes:
+            raise BadRequest(
+                f'"text" is {len(key)} bytes; the limit is {self.settings.max_text_bytes}'
+            )
+        self.counters.retrievals += 1
+        match = self.trie.match(key, namespace, trio.current_time())
+        pinned = self.trie.pin(match)
+        try:
+            trajectory = self.trie.trajectory(match)
+            remainder = key[match.matched_bytes :].decode()
+            fresh = await self.tokenizer.aencode(remainder) if remainder else []
+        finally:
+            self.trie.unpin(pinned)
+        cached = len(trajectory)
+        trajectory.extend(_prompt_tokens(fresh))
+        return {
+            "tokens": trajectory.ids,
+            "response": text,
+            "loss_mask": trajectory.mask,
+            "rollout_logp": trajectory.logps,
+            "weight_versions": trajectory.versions,
+            "token_length": len(trajectory),
+            "loss_mask_length": len(trajectory.mask),
+            "cached_tokens": cached,
+            "fresh_tokens": len(fresh),
+        }
+
+    # -- background ---------------------------------------------------------------------
+
+    async def gc_loop(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Every ``gc_interval``: drop old weight versions, then hold the token budget."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.settings.gc_interval)
+            removed = self.trie.drop_versions_older_than(self.settings.gc_threshold_k)
+            evicted = self.trie.enforce_budget(trio.current_time())
+            if removed or evicted:
+                log.info("cache gc: %d tokens of old versions, %d evicted", removed, evicted)
+
+    def report(self) -> dict[str, Any]:
+        """The ``cache`` section of /metrics."""
+        stats = self.trie.statistics()
+        lookups = stats.hits + stats.misses
+        return {
+            "enabled": True,
+            "total_entries": stats.nodes,
+            "cache_hits": stats.hits,
+            "cache_misses": stats.misses,
+            "hit_rate": round(stats.hits / lookups, 4) if lookups else 0.0,
+            "cur_cache_size": stats.tokens,
+            "max_cache_size": stats.max_tokens,
+            "cache_size_mb": round((stats.key_bytes + stats.payload_bytes) / 2**20, 3),
+            "gc_threshold_k": self.settings.gc_threshold_k,
+            "evictions": stats.evicted_tokens,
+            "gc_removed_tokens": stats.gc_removed_tokens,
+            "weight_versions": stats.versions,
+            "requests": self.counters.requests,
+            "recorded": self.counters.recorded,
+            "unrecorded": self.counters.unrecorded,
+            "alignment_failures": self.counters.alignment_failures,
+            "cached_prompt_tokens": self.counters.cached_prompt_tokens,
+            "fresh_prompt_tokens": self.counters.fresh_prompt_tokens,
+            "retrievals": self.counters.retrievals,
+        }
+
+
+def _prompt_tokens(ids: list[int]) -> Trajectory:
+    n = len(ids)
+    return Trajectory(list(ids), [0.0] * n, [0] * n, [None] * n)
+
+
+def _is_id_list(value: object, vocab_size: int) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    )
+
+
+def _generated(item: Any) -> tuple[list[int], list[float], str, str] | None:
+    """(ids, logprobs, weight_version, text) of one /generate answer, or None."""
+    if not isinstance(item, dict):
+        return None
+    meta = item.get("meta_info")
+    text = item.get("text")
+    if not isinstance(meta, dict) or not isinstance(text, str):
+        return None
+    pairs = meta.get("output_token_logprobs")
+    if not isinstance(pairs, list):
+        return None
+    ids: list[int] = []
+    logps: list[float] = []
+    for pair in pairs:
+        if not isinstance(pair, list | tuple) or len(pair) < 2:
+            return None
+        logp, token = pair[0], pair[1]
+        if not isinstance(token, int):
+            return None
+        ids.append(token)
+        logps.append(float(logp) if isinstance(logp, int | float) else 0.0)
+    version = meta.get("weight_version")
+    return ids, logps, str(version) if version is not None else "unknown", text
