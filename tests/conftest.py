@@ -19,6 +19,7 @@ import trio
 
 from trio_router import RouterConfig, RunningRouter, serve
 from trio_router.sim import SimWorkerConfig, SimWorkerHandle, serve_sim_worker
+from trio_router.tokenizer import Tokenizer, load_tokenizer
 
 from .scripted import ScriptedUpstream, serve_scripted
 
@@ -28,16 +29,28 @@ def router_config(**overrides: Any) -> RouterConfig:
     return dataclasses.replace(base, **overrides)
 
 
-async def start_router(nursery: trio.Nursery, **overrides: Any) -> RunningRouter:
-    running: RunningRouter = await nursery.start(partial(serve, router_config(**overrides)))
+async def start_router(
+    nursery: trio.Nursery, *, tokenizer: Tokenizer | None = None, **overrides: Any
+) -> RunningRouter:
+    running: RunningRouter = await nursery.start(
+        partial(serve, router_config(**overrides), tokenizer=tokenizer)
+    )
     return running
 
 
-async def start_worker(nursery: trio.Nursery, **overrides: Any) -> SimWorkerHandle:
+async def start_worker(
+    nursery: trio.Nursery, *, tokenizer: Tokenizer | None = None, **overrides: Any
+) -> SimWorkerHandle:
     handle: SimWorkerHandle = await nursery.start(
-        partial(serve_sim_worker, SimWorkerConfig(**overrides))
+        partial(serve_sim_worker, SimWorkerConfig(**overrides), tokenizer=tokenizer)
     )
     return handle
+
+
+@pytest.fixture(scope="session")
+def qwen3() -> Tokenizer:
+    """The shipped Qwen3 tokenizer, loaded once for the whole run."""
+    return load_tokenizer()
 
 
 async def start_scripted(nursery: trio.Nursery) -> tuple[ScriptedUpstream, str]:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_router.radix import PROMPT, RadixTrie, align
+from trio_router.radix import PROMPT, Alignment, RadixTrie, align
 
 # A toy vocabulary: ids 0..255 are single bytes; a few longer tokens, two halves of "é",
 # and a special token whose literal text never appears in a worker's visible text.
@@ -41,13 +41,22 @@ def make_trie(max_tokens: int = 10_000) -> RadixTrie:
     return RadixTrie(token_bytes, max_tokens=max_tokens)
 
 
-def insert(trie: RadixTrie, ids: list[int], *, generated_from: int | None = None, version: str = "v0",
-           hidden_from: int | None = None, now: float = 0.0, namespace: str = "") -> int:
+def insert(
+    trie: RadixTrie,
+    ids: list[int],
+    *,
+    generated_from: int | None = None,
+    version: str = "v0",
+    hidden_from: int | None = None,
+    now: float = 0.0,
+    namespace: str = "",
+) -> int:
     slot = trie.version_slot(version)
     cut = len(ids) if generated_from is None else generated_from
     codes = [PROMPT] * cut + [slot] * (len(ids) - cut)
     logps = [0.0] * cut + [-0.5 - 0.01 * i for i in range(len(ids) - cut)]
-    return trie.insert(ids, logps, codes, hidden_from=hidden_from, now=now, namespace=namespace)
+    shape = None if hidden_from is None else Alignment(hidden_from, hidden_from, b"")
+    return trie.insert(ids, logps, codes, alignment=shape, now=now, namespace=namespace)
 
 
 def lookup(trie: RadixTrie, text: bytes, namespace: str = "") -> list[int]:
@@ -206,9 +215,26 @@ def test_a_newer_generation_of_the_same_tokens_takes_over_their_logprobs():
 
 def test_align_finds_the_hidden_tail_and_alignment_failures():
     ids = [*ids_of(b"ok"), EOS]
-    assert align(b"ok", ids, token_bytes) == (2, 2)
-    assert align(b"ok<E>", ids, token_bytes) == (3, 5)
-    assert align(b"oX", ids, token_bytes) == (1, 1)  # fails before the text ends
+    assert align(b"ok", ids, token_bytes) == Alignment(2, 2, b"")
+    assert align(b"ok<E>", ids, token_bytes) == Alignment(3, 3, b"")
+    assert align(b"oX", ids, token_bytes) is None  # fails before the text ends
+
+
+def test_a_character_cut_by_max_tokens_is_kept_as_an_opaque_run():
+    ids = [*ids_of(b"ok "), 259]  # the first byte of "é", then generation stopped
+    shown = "ok \ufffd".encode()  # what the client sees
+    shape = align(shown, ids, token_bytes)
+    assert shape == Alignment(3, 4, "\ufffd".encode())
+    trie = make_trie()
+    slot = trie.version_slot("v0")
+    trie.insert(ids, [0.0, 0, 0, -2.0], [0, 0, 0, slot], alignment=shape)
+    t = trie.trajectory(trie.match(shown))
+    assert t.ids == ids
+    assert t.mask == [0, 0, 0, 1]
+    # continuing after the replacement character walks through the opaque run
+    assert lookup(trie, shown + b" and more") == ids
+    # the opaque run is never split or matched partially
+    assert lookup(trie, b"ok ") == ids_of(b"ok ")
 
 
 # -- property test against a reference model -------------------------------------------------
@@ -242,7 +268,8 @@ def reference_best(stored: list[Stored], text: bytes) -> int:
 @settings(max_examples=300, deadline=None)
 @given(
     trajectories=st.lists(
-        st.tuples(st.lists(TOKENS, min_size=1, max_size=12), st.integers(0, 3)), min_size=1,
+        st.tuples(st.lists(TOKENS, min_size=1, max_size=12), st.integers(0, 3)),
+        min_size=1,
         max_size=6,
     ),
     probe=st.lists(TOKENS, max_size=14),
@@ -272,7 +299,8 @@ def test_matches_agree_with_a_reference_model(trajectories, probe):
 @settings(max_examples=200, deadline=None)
 @given(
     ops=st.lists(
-        st.tuples(st.lists(TOKENS, min_size=1, max_size=10), st.booleans()), min_size=1,
+        st.tuples(st.lists(TOKENS, min_size=1, max_size=10), st.booleans()),
+        min_size=1,
         max_size=30,
     )
 )
@@ -287,7 +315,7 @@ def test_token_accounting_and_budget_hold_under_inserts_pins_and_evictions(ops):
         assert counted == trie.tokens
         assert trie.node_count == sum(1 for _ in trie._all_nodes())
         for node in trie._all_nodes():
-            assert node.key == key_of(list(node.ids))
+            assert node.opaque or node.key == key_of(list(node.ids))
             assert node.parent is not None
         pinned_tokens = sum(len(n.ids) for n in trie._all_nodes() if n.pins)
         if pinned_tokens == 0:

@@ -42,7 +42,7 @@ def tok() -> Tokenizer:
 
 def test_shipped_files_match_sha256sums() -> None:
     lines = (DEFAULT_TOKENIZER_DIR / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
-    sums = dict(reversed(line.split("  ", 1)) for line in lines if line)
+    sums = {name: digest for digest, name in (line.split("  ", 1) for line in lines)}
     assert set(sums) == {"tokenizer.json", "tokenizer_config.json"}
     for name, digest in sums.items():
         assert hashlib.sha256((DEFAULT_TOKENIZER_DIR / name).read_bytes()).hexdigest() == digest

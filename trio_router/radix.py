@@ -45,6 +45,7 @@ class Node:
         "key",
         "last_access",
         "logps",
+        "opaque",
         "parent",
         "pins",
         "worker",
@@ -68,6 +69,7 @@ class Node:
         self.last_access = now
         self.pins = 0
         self.hidden = False
+        self.opaque = False  # key is how the client saw the tokens, not their bytes: never split
         self.worker: str | None = None
 
     def child_starting_with(self, token: int) -> Node | None:
@@ -239,11 +241,11 @@ class RadixTrie:
                 deeper = self._best(child, text, pos + len(child.key))
                 if deeper is not None:
                     found = ([(child, len(child.ids)), *deeper[0]], deeper[1])
-                else:
+                elif not child.opaque:
                     count, size = self._partial(child, text, pos, len(child.key) - 1)
                     if count:
                         found = ([(child, count)], pos + size)
-            else:
+            elif not child.opaque:
                 count, size = self._partial(child, text, pos, len(child.key))
                 if count:
                     found = ([(child, count)], pos + size)
@@ -328,41 +330,70 @@ class RadixTrie:
         codes: Sequence[int],
         *,
         namespace: str = "",
-        hidden_from: int | None = None,
+        alignment: Alignment | None = None,
         worker: str | None = None,
         now: float = 0.0,
     ) -> int:
         """Add a trajectory; returns how many new tokens were stored.
 
-        ``codes`` holds PROMPT or a version slot per token. Tokens from
-        ``hidden_from`` on are a hidden tail (see the module docstring). A run
-        already cached takes the new logprobs and versions when the new ones
-        are generated tokens (the latest weights win). Two tokenizations of the
-        same text are both kept, as sibling branches; a lookup prefers the
-        longer match, then the more recently used.
+        ``codes`` holds PROMPT or a version slot per token. ``alignment`` says
+        which tokens spell the visible text, which are shown as something else
+        (an opaque run) and which are a hidden tail (see the module docstring);
+        without it every token is visible. A run already cached takes the new
+        logprobs and versions when the new ones are generated tokens (the latest
+        weights win). Two tokenizations of the same text are both kept, as
+        sibling branches; a lookup prefers the longer match, then the more
+        recently used.
         """
         n = len(ids)
         if n == 0:
             return 0
-        boundary = n if hidden_from is None else max(0, min(hidden_from, n))
+        shape = alignment or Alignment(plain=n, opaque=n, opaque_text=b"")
         root = self.roots.get(namespace)
         if root is None:
             root = Node(b"", array("I"), None, None, None, now)
             self.roots[namespace] = root
-        node = root
-        index = 0
+        segments = [(0, shape.plain, False), (shape.opaque, n, True)]
+        node: Node | None = root
         added = 0
-        while index < n:
+        for lo, hi, hidden in segments:
+            if hi > lo and node is not None:
+                node, count = self._insert_run(node, ids, logps, codes, lo, hi, hidden, worker, now)
+                added += count
+            if not hidden and shape.opaque > shape.plain and node is not None:
+                node, count = self._insert_opaque(node, ids, logps, codes, shape, worker, now)
+                added += count
+        if added:
+            self.enforce_budget(now)
+        return added
+
+    def _insert_run(
+        self,
+        node: Node,
+        ids: Sequence[int],
+        logps: Sequence[float],
+        codes: Sequence[int],
+        index: int,
+        end: int,
+        hidden: bool,
+        worker: str | None,
+        now: float,
+    ) -> tuple[Node | None, int]:
+        """Walk or extend the tree with tokens ``ids[index:end]``; returns the last node."""
+        while index < end:
             child = node.child_starting_with(ids[index])
             if child is None:
-                added += self._add_leaves(node, ids, logps, codes, index, boundary, worker, now)
-                break
+                leaf = self._new_node(node, ids, logps, codes, index, end, None, worker, now)
+                if leaf is None:
+                    return None, 0
+                leaf.hidden = hidden
+                return leaf, end - index
+            if child.opaque:
+                return None, 0  # the same ids shown as other text: keep what is cached
             common = 0
-            limit = min(len(child.ids), n - index)
+            limit = min(len(child.ids), end - index)
             while common < limit and child.ids[common] == ids[index + common]:
                 common += 1
-            if index < boundary < index + common:
-                common = boundary - index  # keep the hidden tail in a node of its own
             if common < len(child.ids):
                 child = self._split(child, common)
             run = codes[index : index + common]
@@ -372,55 +403,68 @@ class RadixTrie:
             if worker is not None:
                 child.worker = worker
             child.last_access = now
-            if index >= boundary:
+            if hidden:
                 child.hidden = True
             index += common
             node = child
-        if added:
-            self.enforce_budget(now)
-        return added
+        return node, 0
 
-    def _add_leaves(
+    def _insert_opaque(
+        self,
+        node: Node,
+        ids: Sequence[int],
+        logps: Sequence[float],
+        codes: Sequence[int],
+        shape: Alignment,
+        worker: str | None,
+        now: float,
+    ) -> tuple[Node | None, int]:
+        lo, hi = shape.plain, shape.opaque
+        child = node.child_starting_with(ids[lo])
+        if child is None:
+            leaf = self._new_node(node, ids, logps, codes, lo, hi, shape.opaque_text, worker, now)
+            return leaf, (hi - lo if leaf is not None else 0)
+        if (
+            child.opaque
+            and child.ids.tolist() == list(ids[lo:hi])
+            and child.key == shape.opaque_text
+        ):
+            child.last_access = now
+            return child, 0
+        return None, 0  # another reading of these tokens is cached: keep it
+
+    def _new_node(
         self,
         parent: Node,
         ids: Sequence[int],
         logps: Sequence[float],
         codes: Sequence[int],
-        start: int,
-        boundary: int,
+        lo: int,
+        hi: int,
+        opaque_text: bytes | None,
         worker: str | None,
         now: float,
-    ) -> int:
-        pieces = (
-            [(start, boundary), (boundary, len(ids))] if start < boundary else [(start, len(ids))]
+    ) -> Node | None:
+        run_ids = array("I", ids[lo:hi])
+        run_codes = codes[lo:hi]
+        generated = any(run_codes)
+        key = opaque_text if opaque_text is not None else b"".join(map(self.token_bytes, run_ids))
+        if not key:  # tokens that decode to nothing cannot be looked up by text
+            return None
+        leaf = Node(
+            key,
+            run_ids,
+            array("f", logps[lo:hi]) if generated else None,
+            array("B", run_codes) if generated else None,
+            parent,
+            now,
         )
-        node = parent
-        added = 0
-        for lo, hi in pieces:
-            if lo >= hi:
-                continue
-            run_ids = array("I", ids[lo:hi])
-            run_codes = codes[lo:hi]
-            generated = any(run_codes)
-            key = b"".join(map(self.token_bytes, run_ids))
-            if not key:  # tokens that decode to nothing cannot be looked up by text
-                break
-            leaf = Node(
-                key,
-                run_ids,
-                array("f", logps[lo:hi]) if generated else None,
-                array("B", run_codes) if generated else None,
-                node,
-                now,
-            )
-            leaf.hidden = lo >= boundary
-            leaf.worker = worker
-            node.add_child(leaf)
-            self.node_count += 1
-            self.tokens += hi - lo
-            added += hi - lo
-            node = leaf
-        return added
+        leaf.opaque = opaque_text is not None
+        leaf.worker = worker
+        parent.add_child(leaf)
+        self.node_count += 1
+        self.tokens += hi - lo
+        return leaf
 
     def _split(self, node: Node, count: int) -> Node:
         """Cut ``node`` after ``count`` tokens; returns the new upper part.
@@ -501,7 +545,7 @@ class RadixTrie:
                 if any(n.pins for n in self._subtree(node)):
                     continue  # in use: collected on a later pass
                 first = next(i for i, code in enumerate(codes) if code in stale)
-                if first > 0:
+                if first > 0 and not node.opaque:
                     self._split(node, first)  # keep the tokens before the stale ones
                 removed += self._remove_subtree(node)
         still_used: set[int] = set()
@@ -572,22 +616,61 @@ class RadixTrie:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Alignment:
+    """How a trajectory's tokens line up with the text the client saw.
+
+    Tokens ``[0, plain)`` spell the visible text byte for byte; tokens
+    ``[plain, opaque)`` are shown as ``opaque_text`` (bytes that are not valid
+    UTF-8 on their own, e.g. a character cut by ``max_new_tokens``, which the
+    client sees as U+FFFD); tokens ``[opaque, n)`` are the hidden tail.
+    """
+
+    plain: int
+    opaque: int
+    opaque_text: bytes
+
+
+MAX_OPAQUE_TOKENS = 8
+
+
 def align(
     visible: bytes, ids: Sequence[int], token_bytes: Callable[[int], bytes]
-) -> tuple[int, int]:
-    """How the tokens ``ids`` line up with the ``visible`` text the client saw.
+) -> Alignment | None:
+    """Line ``ids`` up with ``visible``; None when they do not spell it.
 
-    Returns ``(visible_tokens, visible_bytes)``: tokens are consumed while
-    their bytes match the text. When the whole text is consumed, the tokens
-    left over form the hidden tail (skipped special tokens, trimmed stop
-    strings). When tokens stop matching before the text ends (a normalised
-    character, a special token skipped mid-text), only the aligned prefix can
-    be keyed by text, and ``visible_bytes < len(visible)`` says so.
+    Tokens are consumed while their bytes match the text. When the text is
+    used up, the tokens left form the hidden tail (skipped special tokens,
+    trimmed stop strings). When tokens stop matching first, a short run of
+    them may still decode, with replacement characters, to the rest of the
+    text (a cut multi-byte character): that run is opaque. Anything else (a
+    normalised character, a special token skipped mid-text) cannot be keyed
+    by this text, and the caller keeps only the plain prefix.
     """
+    pos = 0
+    plain = len(ids)
+    for index, token in enumerate(ids):
+        chunk = token_bytes(token)
+        if not chunk or not visible.startswith(chunk, pos):
+            plain = index
+            break
+        pos += len(chunk)
+    if pos == len(visible):
+        return Alignment(plain, plain, b"")
+    rest = visible[pos:]
+    for end in range(min(len(ids), plain + MAX_OPAQUE_TOKENS), plain, -1):
+        raw = b"".join(map(token_bytes, ids[plain:end]))
+        if raw.decode("utf-8", "replace").encode() == rest:
+            return Alignment(plain, end, rest)
+    return None
+
+
+def plain_prefix(visible: bytes, ids: Sequence[int], token_bytes: Callable[[int], bytes]) -> int:
+    """How many leading tokens spell a prefix of ``visible`` byte for byte."""
     pos = 0
     for index, token in enumerate(ids):
         chunk = token_bytes(token)
         if not chunk or not visible.startswith(chunk, pos):
-            return index, pos
+            return index
         pos += len(chunk)
-    return len(ids), pos
+    return len(ids)

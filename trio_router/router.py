@@ -156,8 +156,13 @@ class Router:
 
 
 @asynccontextmanager
-async def open_router(config: RouterConfig, *, probe: Probe | None = None) -> AsyncIterator[Router]:
-    """Build a Router, start its supervised loops, and stop them on exit."""
+async def open_router(
+    config: RouterConfig, *, probe: Probe | None = None, tokenizer: Tokenizer | None = None
+) -> AsyncIterator[Router]:
+    """Build a Router, start its supervised loops, and stop them on exit.
+
+    ``tokenizer`` overrides ``--hf-checkpoint`` (tests share one loaded copy).
+    """
     problems = config.problems()
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
@@ -166,8 +171,7 @@ async def open_router(config: RouterConfig, *, probe: Probe | None = None) -> As
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
         if probe is None:
             probe = http_probe(http, config.health_check_endpoint, config.health_check_timeout)
-        tokenizer = None
-        if config.radix_tree_max_size > 0:
+        if tokenizer is None and config.radix_tree_max_size > 0:
             tokenizer = await trio.to_thread.run_sync(load_tokenizer, config.hf_checkpoint)
         router = Router(config, http=http, probe=probe, tokenizer=tokenizer)
         now = trio.current_time()

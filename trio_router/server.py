@@ -24,6 +24,7 @@ from .config import RouterConfig
 from .health import Probe
 from .proxy import Receive, Scope, Send
 from .router import Router, open_router
+from .tokenizer import Tokenizer
 
 log = logging.getLogger("trio_router.server")
 
@@ -74,11 +75,12 @@ async def serve(
     *,
     shutdown_trigger: ShutdownTrigger | None = None,
     probe: Probe | None = None,
+    tokenizer: Tokenizer | None = None,
     task_status: trio.TaskStatus[RunningRouter] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the router until ``shutdown_trigger`` returns (or forever)."""
     trigger = shutdown_trigger or trio.sleep_forever
-    async with open_router(config, probe=probe) as router:
+    async with open_router(config, probe=probe, tokenizer=tokenizer) as router:
         cfg = hypercorn_config(config.host, config.port, graceful_timeout=config.graceful_timeout)
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(

@@ -23,7 +23,7 @@ import trio
 
 from .errors import BadRequest
 from .hooks import Middleware, Outcome, ProxyRequest, Reply, ResponseHead, Tap
-from .radix import PROMPT, Node, RadixTrie, Trajectory, align
+from .radix import PROMPT, Node, RadixTrie, Trajectory, align, plain_prefix
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("trio_router.token_cache")
@@ -218,21 +218,19 @@ class TokenCache(Middleware):
         codes = [self.trie.version_slot(v) if v else PROMPT for v in prompt.versions]
         codes += [slot] * len(ids)
         visible = pending.prompt_text + text.encode()
-        tokens, consumed = align(visible, all_ids, self.tokenizer.token_bytes)
-        if consumed < len(visible):
-            # the tokens stop spelling the visible text before it ends (normalised
-            # characters, a special token skipped mid-text): keep the aligned part
+        alignment = align(visible, all_ids, self.tokenizer.token_bytes)
+        if alignment is None:
+            # the tokens stop spelling the visible text before it ends (a normalised
+            # character, a special token skipped mid-text): keep the aligned part
             self.counters.alignment_failures += 1
-            all_ids = all_ids[:tokens]
-            hidden_from = None
-        else:
-            hidden_from = tokens
+            cut = plain_prefix(visible, all_ids, self.tokenizer.token_bytes)
+            all_ids = all_ids[:cut]
         self.trie.insert(
             all_ids,
             (prompt.logps + logps)[: len(all_ids)],
             codes[: len(all_ids)],
             namespace=pending.namespace,
-            hidden_from=hidden_from,
+            alignment=alignment,
             worker=worker,
             now=trio.current_time(),
         )

@@ -83,14 +83,13 @@ class Tokenizer:
             raise ValueError("tokenizer has no eos_token_id")
         self.hf = hf
         self.backend: tokenizers.Tokenizer = backend
+        """The raw ``tokenizers.Tokenizer`` doing the work."""
         self.eos_token_id = eos
         self.vocab_size = len(hf)
         self.name_or_path = str(hf.name_or_path)
-        self.limiter = (
-            limiter
-            if isinstance(limiter, trio.CapacityLimiter)
-            else (trio.CapacityLimiter(limiter))
-        )
+        if not isinstance(limiter, trio.CapacityLimiter):
+            limiter = trio.CapacityLimiter(limiter)
+        self.limiter = limiter
         added = backend.get_added_tokens_decoder()
         self._added: dict[int, str] = {i: t.content for i, t in added.items()}
         self._special: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
@@ -125,8 +124,9 @@ class Tokenizer:
         """``decode`` off the trio thread (inline for short sequences)."""
         if len(ids) < INLINE_MAX_IDS:
             return self.decode(ids, skip_special_tokens)
+        snapshot = list(ids)  # the caller may keep appending while the thread runs
         return await trio.to_thread.run_sync(
-            self.decode, ids, skip_special_tokens, limiter=self.limiter
+            self.decode, snapshot, skip_special_tokens, limiter=self.limiter
         )
 
     # ------------------------------------------------------------ per-token facts
