@@ -1,0 +1,368 @@
+"""Token-exact trajectories end to end: /generate through the router, then /retrieve_from_text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+
+from trio_router.tokenizer import Tokenizer
+
+from .conftest import start_router, start_scripted, start_worker
+from .scripted import Script
+from .test_proxy import wait_until
+
+PROMPT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+EOS = 151645
+
+
+async def generate(client: httpx.AsyncClient, url: str, text: str, **extra: Any) -> dict[str, Any]:
+    body = {"text": text, "sampling_params": {"max_new_tokens": 24}, **extra}
+    response = await client.post(url + "/generate", json=body)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def retrieve(client: httpx.AsyncClient, url: str, text: str, **kw: Any) -> dict[str, Any]:
+    response = await client.post(url + "/retrieve_from_text", json={"text": text}, **kw)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def cached_router(nursery: trio.Nursery, qwen3: Tokenizer, **overrides: Any):  # type: ignore[no-untyped-def]
+    worker = await start_worker(nursery, tokenizer=qwen3)
+    running = await start_router(
+        nursery,
+        tokenizer=qwen3,
+        worker_urls=(worker.url,),
+        radix_tree_max_size=overrides.pop("radix_tree_max_size", 1_000_000),
+        **overrides,
+    )
+    return worker, running
+
+
+async def test_one_turn_comes_back_exact_with_the_hidden_end_of_turn_token(nursery, client, qwen3):
+    _worker, running = await cached_router(nursery, qwen3)
+    with trio.fail_after(20):
+        answer = await generate(client, running.url, PROMPT, return_logprob=False)
+        got = await retrieve(client, running.url, PROMPT + answer["text"])
+    output = answer["output_ids"]
+    assert output[-1] == EOS
+    assert "<|im_end|>" not in answer["text"]
+    prompt_ids = qwen3.encode(PROMPT)
+    assert got["tokens"] == prompt_ids + output
+    assert got["loss_mask"] == [0] * len(prompt_ids) + [1] * len(output)
+    expected_logps = [pair[0] for pair in answer["meta_info"]["output_token_logprobs"]]
+    assert got["rollout_logp"][len(prompt_ids) :] == pytest.approx(expected_logps, abs=1e-6)
+    assert got["weight_versions"] == [None] * len(prompt_ids) + ["v0"] * len(output)
+    assert (got["token_length"], got["loss_mask_length"]) == (len(got["tokens"]),) * 2
+    assert (got["cached_tokens"], got["fresh_tokens"]) == (len(got["tokens"]), 0)
+    # the client never asked for logprobs; they are in the answer anyway (documented)
+    assert "output_token_logprobs" in answer["meta_info"]
+
+
+async def test_a_streamed_generate_is_relayed_and_recorded(nursery, client, qwen3):
+    _worker, running = await cached_router(nursery, qwen3)
+    events = []
+    with trio.fail_after(20):
+        body = {"text": PROMPT, "stream": True, "sampling_params": {"max_new_tokens": 16}}
+        async with client.stream("POST", running.url + "/generate", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        assert events[-1] == "[DONE]"
+        final = orjson.loads(events[-2])
+        await wait_until(lambda: running.router.token_cache.counters.recorded == 1)  # type: ignore[union-attr]
+        got = await retrieve(client, running.url, PROMPT + final["text"])
+    assert len(events) - 1 == final["meta_info"]["completion_tokens"]
+    assert got["tokens"] == qwen3.encode(PROMPT) + final["output_ids"]
+
+
+async def test_turn_two_reuses_turn_one_exactly_and_masks_only_generated_spans(
+    nursery, client, qwen3
+):
+    _worker, running = await cached_router(nursery, qwen3)
+    with trio.fail_after(20):
+        first = await generate(client, running.url, PROMPT)
+        turn1 = PROMPT + first["text"]
+        one = await retrieve(client, running.url, turn1)
+        user2 = "<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n"
+        second = await generate(client, running.url, turn1 + user2)
+        two = await retrieve(client, running.url, turn1 + user2 + second["text"])
+    n1 = len(one["tokens"])
+    assert two["tokens"][:n1] == one["tokens"]  # the engine's own ids, EOS included
+    fresh_user = qwen3.encode(user2.removeprefix("<|im_end|>"))
+    assert two["tokens"][n1 : n1 + len(fresh_user)] == fresh_user
+    assert two["tokens"][n1 + len(fresh_user) :] == second["output_ids"]
+    assert two["loss_mask"] == (
+        one["loss_mask"] + [0] * len(fresh_user) + [1] * len(second["output_ids"])
+    )
+    assert second["meta_info"]["prompt_tokens"] == n1 + len(fresh_user)
+
+
+async def test_a_next_turn_without_the_end_token_does_not_inherit_it(nursery, client, qwen3):
+    _worker, running = await cached_router(nursery, qwen3)
+    with trio.fail_after(20):
+        first = await generate(client, running.url, "User: hi\nAssistant:")
+        follow = "User: hi\nAssistant:" + first["text"] + "\nUser: more\nAssistant:"
+        second = await generate(client, running.url, follow)
+        got = await retrieve(client, running.url, follow + second["text"])
+    assert first["output_ids"][-1] == EOS
+    head = qwen3.encode("User: hi\nAssistant:") + first["output_ids"][:-1]
+    assert got["tokens"][: len(head)] == head
+    assert EOS not in got["tokens"][len(head) : len(head) + 5]
+
+
+async def test_grpo_fan_out_of_8_shares_the_prompt_and_every_sample_is_exact(
+    nursery, client, qwen3
+):
+    _worker, running = await cached_router(nursery, qwen3)
+    answers: list[dict[str, Any]] = []
+
+    async def sample(seed: int) -> None:
+        answers.append(
+            await generate(
+                client,
+                running.url,
+                PROMPT,
+                sampling_params={"max_new_tokens": 12, "sampling_seed": seed},
+            )
+        )
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as group:
+            for seed in range(8):
+                group.start_soon(sample, seed)
+        results = [await retrieve(client, running.url, PROMPT + a["text"]) for a in answers]
+    prompt_ids = qwen3.encode(PROMPT)
+    for answer, got in zip(answers, results, strict=True):
+        assert got["tokens"] == prompt_ids + answer["output_ids"]
+    trie = running.router.token_cache.trie  # type: ignore[union-attr]
+    distinct = {tuple(a["output_ids"]) for a in answers}
+    assert trie.tokens <= len(prompt_ids) + sum(len(ids) for ids in distinct)
+
+
+async def test_input_ids_pass_through_and_are_recorded_for_text_lookups(nursery, client, qwen3):
+    _worker, running = await cached_router(nursery, qwen3)
+    prompt_ids = qwen3.encode(PROMPT)
+    with trio.fail_after(20):
+        r = await client.post(
+            running.url + "/generate",
+            json={"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 8}},
+        )
+        answer = r.json()
+        got = await retrieve(client, running.url, PROMPT + answer["text"])
+    assert got["tokens"] == prompt_ids + answer["output_ids"]
+
+
+async def test_unseen_text_is_tokenized_marked_fresh_and_not_cached(nursery, client, qwen3):
+    _worker, running = await cached_router(nursery, qwen3)
+    cache = running.router.token_cache
+    assert cache is not None
+    with trio.fail_after(20):
+        got = await retrieve(client, running.url, "never generated here")
+    assert got["tokens"] == qwen3.encode("never generated here")
+    assert got["loss_mask"] == [0] * len(got["tokens"])
+    assert got["rollout_logp"] == [0.0] * len(got["tokens"])
+    assert (got["cached_tokens"], got["fresh_tokens"]) == (0, len(got["tokens"]))
+    assert cache.trie.tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"text": ""}, 400, "must not be empty"),
+        ({"text": 42}, 400, "must be a string"),
+        ({}, 400, "must be a string"),
+        ({"text": "x" * 3000}, 413, ""),
+    ],
+)
+async def test_bad_retrieve_input_is_4xx_and_changes_nothing(
+    nursery, client, qwen3, body, status, message
+):
+    _worker, running = await cached_router(nursery, qwen3, max_body_size=2048)
+    cache = running.router.token_cache
+    assert cache is not None
+    with trio.fail_after(20):
+        await generate(client, running.url, PROMPT)
+        await wait_until(lambda: cache.counters.recorded == 1)
+        before = cache.report()
+        r = await client.post(running.url + "/retrieve_from_text", json=body)
+    assert r.status_code == status
+    assert message in r.json()["error"]["message"]
+    assert cache.report() == before
+
+
+async def test_retrieve_without_the_cache_says_how_to_turn_it_on(nursery, client):
+    running = await start_router(nursery)
+    with trio.fail_after(10):
+        r = await client.post(running.url + "/retrieve_from_text", json={"text": "x"})
+    assert r.status_code == 400
+    assert "--radix-tree-max-size" in r.json()["error"]["message"]
+
+
+async def test_namespaces_keep_tenants_trajectories_apart(nursery, client, qwen3):
+    _worker, running = await cached_router(nursery, qwen3)
+    a = {"x-trio-router-namespace": "tenant-a"}
+    with trio.fail_after(20):
+        r = await client.post(
+            running.url + "/generate",
+            json={"text": PROMPT, "sampling_params": {"max_new_tokens": 8}},
+            headers=a,
+        )
+        text = PROMPT + r.json()["text"]
+        mine = await retrieve(client, running.url, text, headers=a)
+        theirs = await retrieve(
+            client, running.url, text, headers={"x-trio-router-namespace": "tenant-b"}
+        )
+        nobody = await retrieve(client, running.url, text)
+    assert sum(mine["loss_mask"]) > 0
+    for other in (theirs, nobody):
+        assert other["cached_tokens"] == 0
+        assert set(other["loss_mask"]) == {0}
+        assert set(other["rollout_logp"]) == {0.0}
+
+
+async def test_a_weight_update_shows_in_versions_and_gc_drops_the_old_ones(nursery, client, qwen3):
+    worker, running = await cached_router(nursery, qwen3, gc_threshold_k=1)
+    cache = running.router.token_cache
+    assert cache is not None
+    with trio.fail_after(20):
+        old = await generate(client, running.url, "Q1: hello?\nA:")
+        await client.post(worker.url + "/update_weights_from_disk", json={"model_path": "x"})
+        new = await generate(client, running.url, "Q2: hello?\nA:")
+        fresh = await retrieve(client, running.url, "Q2: hello?\nA:" + new["text"])
+        assert set(v for v in fresh["weight_versions"] if v) == {"v1"}
+        assert cache.trie.versions == ["v0", "v1"]
+        removed = cache.trie.drop_versions_older_than(cache.settings.gc_threshold_k)
+        stale = await retrieve(client, running.url, "Q1: hello?\nA:" + old["text"])
+    assert removed == len(old["output_ids"])
+    assert cache.trie.versions == ["v1"]
+    assert sum(stale["loss_mask"]) == 0  # the old generation is gone; its text is fresh now
+
+
+# -- the retokenization cases, with a worker scripted to produce exact ids ----------------------
+
+
+def scripted_answer(qwen3: Tokenizer, ids: list[int], text: str | None = None) -> bytes:
+    return orjson.dumps(
+        {
+            "text": qwen3.decode(ids) if text is None else text,
+            "output_ids": ids,
+            "meta_info": {
+                "id": "r",
+                "finish_reason": {"type": "length", "length": len(ids)},
+                "prompt_tokens": 0,
+                "completion_tokens": len(ids),
+                "weight_version": "w7",
+                "output_token_logprobs": [[-0.25 - i, t, None] for i, t in enumerate(ids)],
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("prompt", "ids", "joint"),
+    [
+        # enc("Answer: ") + [yes] != enc("Answer: yes") = [..., " yes"]
+        ("Answer: ", [9693], [16141, 25, 9834]),
+        # "...assistant\n" + "\nHello": the engine saw two "\n" tokens, not one "\n\n"
+        ("<|im_start|>assistant\n", [198, 9707], [151644, 77091, 271, 9707]),
+        # "...is Par" + "is.": the engine saw " Par", "is", not " Paris"
+        ("The capital of France is Par", [285, 13], None),
+        # a response cut in the middle of an emoji (U+1FAE0 is 3 tokens; only 2 generated)
+        ("ok", [220, 9284, 104], None),
+        # non-canonical pieces of one word: "Hel" + "lo" decodes to "Hello" = one token
+        ("Say:", [32713, 385], None),
+    ],
+)
+async def test_retokenization_traps_come_back_exact(nursery, client, qwen3, prompt, ids, joint):
+    upstream, url = await start_scripted(nursery)
+    upstream.script = Script(chunks=[scripted_answer(qwen3, ids)])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    with trio.fail_after(20):
+        answer = await generate(client, running.url, prompt)
+        got = await retrieve(client, running.url, prompt + answer["text"])
+    sent = orjson.loads(upstream.seen[-1].body)
+    prompt_ids = qwen3.encode(prompt)
+    assert "text" not in sent
+    assert sent["input_ids"] == prompt_ids
+    assert sent["return_logprob"] is True
+    assert got["tokens"] == prompt_ids + ids
+    assert got["loss_mask"] == [0] * len(prompt_ids) + [1] * len(ids)
+    assert got["rollout_logp"][len(prompt_ids) :] == pytest.approx(
+        [-0.25 - i for i in range(len(ids))]
+    )
+    if joint is not None:
+        assert qwen3.encode(prompt + answer["text"]) == joint != got["tokens"]
+
+
+# -- concurrency: pinned spans, inserts racing, GC during traffic --------------------------------
+
+
+async def test_an_in_flight_prefix_survives_eviction_and_gc_until_its_answer_is_recorded(
+    nursery, client, qwen3
+):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=200
+    )
+    cache = running.router.token_cache
+    assert cache is not None
+    first_ids = qwen3.encode(" first answer")
+    upstream.script = Script(chunks=[scripted_answer(qwen3, first_ids)])
+    with trio.fail_after(20):
+        first = await generate(client, running.url, "Turn one:")
+        await wait_until(lambda: cache.counters.recorded == 1)
+        turn1 = "Turn one:" + first["text"]
+        gate = trio.Event()
+        upstream.script = Script(chunks=[gate, scripted_answer(qwen3, qwen3.encode(" second"))])
+        async with trio.open_nursery() as inflight:
+            inflight.start_soon(generate, client, running.url, turn1 + " next:")
+            await wait_until(lambda: upstream.active == 1)
+            # flood the cache past its budget and collect every old version meanwhile
+            slot = cache.trie.version_slot("flood")
+            for i in range(20):
+                junk = qwen3.encode(f"unrelated conversation number {i} " * 3)
+                cache.trie.insert(junk, [0.0] * len(junk), [slot] * len(junk), now=1e9 + i)
+            cache.trie.drop_versions_older_than(1)
+            kept = cache.trie.trajectory(cache.trie.match(turn1.encode())).ids
+            assert kept[-len(first_ids) :] == first_ids
+            gate.set()
+        got = await retrieve(client, running.url, turn1 + " next: second")
+    assert got["tokens"][: len(qwen3.encode("Turn one:")) + len(first_ids)] == (
+        qwen3.encode("Turn one:") + first_ids
+    )
+    assert got["tokens"][-len(qwen3.encode(" second")) :] == qwen3.encode(" second")
+    assert cache.trie.tokens <= 200 or any(n.pins for n in cache.trie._all_nodes())
+
+
+async def test_concurrent_turns_on_one_prefix_are_each_recorded_once(nursery, client, qwen3):
+    _worker, running = await cached_router(nursery, qwen3)
+    cache = running.router.token_cache
+    assert cache is not None
+    with trio.fail_after(30):
+        first = await generate(client, running.url, PROMPT)
+        base = PROMPT + first["text"] + "<|im_end|>\n<|im_start|>user\n"
+        answers: dict[int, dict[str, Any]] = {}
+
+        async def turn(i: int) -> None:
+            answers[i] = await generate(client, running.url, base + f"Question {i}?")
+
+        async with trio.open_nursery() as group:
+            for i in range(12):
+                group.start_soon(turn, i)
+        await wait_until(lambda: cache.counters.recorded == 13)
+        for i, answer in answers.items():
+            got = await retrieve(client, running.url, base + f"Question {i}?" + answer["text"])
+            assert got["tokens"][-len(answer["output_ids"]) :] == answer["output_ids"]
+            assert got["fresh_tokens"] == 0
+    assert cache.counters.recorded == 13
+    assert all(n.pins == 0 for n in cache.trie._all_nodes())
