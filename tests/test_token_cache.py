@@ -366,3 +366,69 @@ async def test_concurrent_turns_on_one_prefix_are_each_recorded_once(nursery, cl
             assert got["fresh_tokens"] == 0
     assert cache.counters.recorded == 13
     assert all(n.pins == 0 for n in cache.trie._all_nodes())
+
+
+# -- aborts -----------------------------------------------------------------------------------
+
+
+async def test_an_aborted_generate_is_continued_and_stitched_exactly(nursery, client, qwen3):
+    worker = await start_worker(nursery, tokenizer=qwen3, latency_per_token_ms=20)
+    running = await start_router(
+        nursery,
+        tokenizer=qwen3,
+        worker_urls=(worker.url,),
+        radix_tree_max_size=100_000,
+        abort_retries=2,
+        abort_retry_backoff=0.3,
+    )
+    result: dict[str, Any] = {}
+
+    async def long_generation() -> None:
+        result.update(
+            await generate(
+                client,
+                running.url,
+                PROMPT,
+                sampling_params={"max_new_tokens": 30, "ignore_eos": True},
+            )
+        )
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            n.start_soon(long_generation)
+            await wait_until(lambda: worker.app.stats.active == 1)
+            await trio.sleep(0.15)  # let a few tokens out, then a weight update aborts it
+            await client.post(worker.url + "/abort_request", json={"abort_all": True})
+            await client.post(worker.url + "/update_weights_from_disk", json={"model_path": "m"})
+        got = await retrieve(client, running.url, PROMPT + result["text"])
+    meta = result["meta_info"]
+    assert meta["continued_aborts"] == 1
+    assert meta["finish_reason"]["type"] == "length"
+    assert len(result["output_ids"]) == meta["completion_tokens"] == 30
+    versions = meta["output_token_weight_versions"]
+    cut = versions.index("v1")
+    assert 0 < cut < 30
+    assert versions == ["v0"] * cut + ["v1"] * (30 - cut)
+    prompt_ids = qwen3.encode(PROMPT)
+    assert got["tokens"] == prompt_ids + result["output_ids"]
+    assert got["weight_versions"][len(prompt_ids) :] == versions
+    assert got["rollout_logp"][len(prompt_ids) :] == pytest.approx(
+        [pair[0] for pair in meta["output_token_logprobs"]], abs=1e-6
+    )
+    # the continuation really continued: its prompt was the original prompt plus the first piece
+    assert worker.app.stats.requests["/generate"] == 2
+
+
+async def test_without_abort_retries_an_abort_is_returned_as_is(nursery, client, qwen3):
+    worker = await start_worker(nursery, tokenizer=qwen3)
+    worker.app.faults.abort_after_tokens = 3
+    _w, running = (
+        worker,
+        await start_router(
+            nursery, tokenizer=qwen3, worker_urls=(worker.url,), radix_tree_max_size=100_000
+        ),
+    )
+    with trio.fail_after(20):
+        answer = await generate(client, running.url, PROMPT)
+    assert answer["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(answer["output_ids"]) == 3

@@ -80,6 +80,19 @@ class RouterConfig:
     namespace_header: str = option(
         "x-trio-router-namespace", "header naming a tenant namespace of cached trajectories"
     )
+    balance_abs_threshold: int = option(
+        32, "cache_aware: in-flight difference between workers that counts as imbalanced"
+    )
+    balance_rel_threshold: float = option(
+        1.5, "cache_aware: and the busiest over the idlest must exceed this ratio"
+    )
+    cache_threshold: float = option(
+        0.5, "cache_aware: share of the prompt that must be cached to follow its worker"
+    )
+    abort_retries: int = option(
+        0, "continue a /generate that SGLang aborted, up to this many times (0 = return it)"
+    )
+    abort_retry_backoff: float = option(0.5, "seconds to wait before continuing an aborted one")
     prometheus_port: int | None = option(
         None, "serve Prometheus metrics on this extra port too (always at /prometheus)"
     )
@@ -122,6 +135,12 @@ class RouterConfig:
             found.append("gc_threshold_k must be >= 1")
         if self.cache_gc_interval <= 0:
             found.append("cache_gc_interval must be > 0")
+        if self.policy == "cache_aware" and self.radix_tree_max_size == 0:
+            found.append("policy cache_aware needs the token cache (--radix-tree-max-size)")
+        if not 0 <= self.cache_threshold <= 1:
+            found.append("cache_threshold must be within 0..1")
+        if self.abort_retries < 0 or self.abort_retry_backoff < 0:
+            found.append("abort_retries and abort_retry_backoff must be >= 0")
         if self.max_retries < 0:
             found.append("max_retries must be >= 0")
         if self.sticky_spill_factor < 1 or self.hash_load_factor < 1:

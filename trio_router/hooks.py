@@ -46,6 +46,8 @@ class ProxyRequest:
     routing_key: str | None
     request_id: str
     client: str | None = None
+    #: a worker that already holds this request's prefix (for cache-aware routing)
+    hint: str | None = None
     #: scratch space for middleware to carry state from one hook to the next
     state: dict[str, Any] = field(default_factory=dict)
 

@@ -20,6 +20,7 @@ from .pool import Worker, WorkerPool
 
 POLICY_NAMES = (
     "least_inflight",
+    "cache_aware",
     "round_robin",
     "power_of_two",
     "random",
@@ -39,7 +40,12 @@ class Policy(Protocol):
     name: str
 
     def choose(
-        self, pool: WorkerPool, key: str | None, now: float, exclude: frozenset[str] = ...
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        now: float,
+        exclude: frozenset[str] = ...,
+        hint: str | None = ...,
     ) -> Decision: ...
 
 
@@ -77,7 +83,12 @@ class LeastInflight:
     name: str = "least_inflight"
 
     def choose(
-        self, pool: WorkerPool, key: str | None, now: float, exclude: frozenset[str] = frozenset()
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+        hint: str | None = None,
     ) -> Decision:
         return Decision(least_loaded(eligible(pool, exclude), self.rng), "least_load")
 
@@ -88,7 +99,12 @@ class RoundRobin:
     counter: int = 0
 
     def choose(
-        self, pool: WorkerPool, key: str | None, now: float, exclude: frozenset[str] = frozenset()
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+        hint: str | None = None,
     ) -> Decision:
         workers = eligible(pool, exclude)
         worker = workers[self.counter % len(workers)]
@@ -102,7 +118,12 @@ class RandomChoice:
     name: str = "random"
 
     def choose(
-        self, pool: WorkerPool, key: str | None, now: float, exclude: frozenset[str] = frozenset()
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+        hint: str | None = None,
     ) -> Decision:
         return Decision(self.rng.choice(eligible(pool, exclude)), "random")
 
@@ -115,7 +136,12 @@ class PowerOfTwo:
     name: str = "power_of_two"
 
     def choose(
-        self, pool: WorkerPool, key: str | None, now: float, exclude: frozenset[str] = frozenset()
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+        hint: str | None = None,
     ) -> Decision:
         workers = eligible(pool, exclude)
         if len(workers) == 1:
@@ -154,7 +180,12 @@ class ConsistentHash:
         self._ring_version = pool.version
 
     def choose(
-        self, pool: WorkerPool, key: str | None, now: float, exclude: frozenset[str] = frozenset()
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+        hint: str | None = None,
     ) -> Decision:
         workers = eligible(pool, exclude)
         if key is None:
@@ -205,7 +236,12 @@ class Sticky:
     pin_counts: dict[str, int] = field(default_factory=dict)
 
     def choose(
-        self, pool: WorkerPool, key: str | None, now: float, exclude: frozenset[str] = frozenset()
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+        hint: str | None = None,
     ) -> Decision:
         self.expire(now)
         if key is None:
@@ -252,6 +288,42 @@ class Sticky:
             self.pin_counts.pop(url, None)
 
 
+@dataclass(slots=True)
+class CacheAware:
+    """Send a request to the worker that served its longest cached prefix.
+
+    The token cache remembers which worker produced each cached span and
+    passes it as ``hint``; following it keeps GRPO groups and later turns on
+    the worker whose KV cache holds their prefix. When loads are imbalanced
+    (max - min above ``balance_abs`` and max above ``balance_rel`` × min) or
+    there is no hint, the least loaded worker gets the request instead.
+    """
+
+    rng: random.Random
+    balance_abs: int = 32
+    balance_rel: float = 1.5
+    name: str = "cache_aware"
+
+    def choose(
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+        hint: str | None = None,
+    ) -> Decision:
+        workers = eligible(pool, exclude)
+        loads = [w.inflight for w in workers]
+        low, high = min(loads), max(loads)
+        if high - low > self.balance_abs and high > low * self.balance_rel:
+            return Decision(least_loaded(workers, self.rng), "imbalanced")
+        if hint is not None:
+            for worker in workers:
+                if worker.url == hint:
+                    return Decision(worker, "cache_hit")
+        return Decision(least_loaded(workers, self.rng), "cache_miss")
+
+
 def make_policy(
     name: str,
     rng: random.Random,
@@ -259,10 +331,14 @@ def make_policy(
     sticky_ttl: float = 3600.0,
     sticky_spill_factor: float = 1.5,
     hash_load_factor: float = 1.25,
+    balance_abs: int = 32,
+    balance_rel: float = 1.5,
 ) -> Policy:
     """Build a policy by its command-line name."""
     if name == "least_inflight":
         return LeastInflight(rng)
+    if name == "cache_aware":
+        return CacheAware(rng, balance_abs=balance_abs, balance_rel=balance_rel)
     if name == "round_robin":
         return RoundRobin()
     if name == "power_of_two":

@@ -302,7 +302,7 @@ async def open_exchange(
     method = request.method.encode()
     while True:
         decision = router.policy.choose(
-            router.pool, request.routing_key, trio.current_time(), frozenset(tried)
+            router.pool, request.routing_key, trio.current_time(), frozenset(tried), request.hint
         )
         router.metrics.decisions.labels(router.policy.name, decision.branch).inc()
         if router.chain.active:

@@ -55,6 +55,8 @@ class Router:
             sticky_ttl=config.sticky_ttl,
             sticky_spill_factor=config.sticky_spill_factor,
             hash_load_factor=config.hash_load_factor,
+            balance_abs=config.balance_abs_threshold,
+            balance_rel=config.balance_rel_threshold,
         )
         self.services = ServiceBoard()
         self.metrics = Metrics(self.pool, self.services.restarts)
@@ -85,7 +87,11 @@ class Router:
                     gc_interval=config.cache_gc_interval,
                     namespace_header=config.namespace_header.lower().encode(),
                     max_text_bytes=config.max_body_size,
+                    abort_retries=config.abort_retries,
+                    abort_retry_backoff=config.abort_retry_backoff,
+                    cache_threshold=config.cache_threshold,
                 ),
+                router=self,
             )
             builtin.append(self.token_cache)
         self.chain = MiddlewareChain([*builtin, *load_middleware(config.middleware_paths, self)])

@@ -16,15 +16,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
 
 from .errors import BadRequest
 from .hooks import Middleware, Outcome, ProxyRequest, Reply, ResponseHead, Tap
-from .radix import PROMPT, Node, RadixTrie, Trajectory, align, plain_prefix
+from .radix import PROMPT, Match, Node, RadixTrie, Trajectory, align, plain_prefix
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .router import Router
 
 log = logging.getLogger("trio_router.token_cache")
 
@@ -38,6 +41,9 @@ class CacheSettings:
     gc_interval: float = 30.0
     namespace_header: bytes = b"x-trio-router-namespace"
     max_text_bytes: int = 8 * 1024 * 1024
+    abort_retries: int = 0
+    abort_retry_backoff: float = 0.5
+    cache_threshold: float = 0.5
 
 
 @dataclass(slots=True)
@@ -49,6 +55,7 @@ class CacheCounters:
     alignment_failures: int = 0
     unrecorded: int = 0
     retrievals: int = 0
+    continued_aborts: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -97,9 +104,12 @@ class _BodyTap(Tap):
 class TokenCache(Middleware):
     """The radix-tree token cache and the hooks that fill it."""
 
-    def __init__(self, tokenizer: Tokenizer, settings: CacheSettings) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, settings: CacheSettings, router: Router | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.settings = settings
+        self.router = router  # to send continuations of aborted requests
         self.trie = RadixTrie(tokenizer.token_bytes, max_tokens=settings.max_tokens)
         self.counters = CacheCounters()
 
@@ -136,27 +146,104 @@ class TokenCache(Middleware):
                 self.trie.unpin(pinned)
                 raise
             prompt.extend(_prompt_tokens(fresh))
+            if match.matched_bytes >= self.settings.cache_threshold * len(prompt_text):
+                request.hint = _served_by(match)
             del body["text"]
             body["input_ids"] = prompt.ids
             self.counters.cached_prompt_tokens += match.token_count
             self.counters.fresh_prompt_tokens += len(fresh)
         elif _is_id_list(input_ids, self.tokenizer.vocab_size):
             assert isinstance(input_ids, list)
-            prompt, pinned = self._known_prefix(input_ids, namespace, now)
+            prompt, pinned, served_by, cached = self._known_prefix(input_ids, namespace, now)
+            if cached >= self.settings.cache_threshold * len(input_ids):
+                request.hint = served_by
             prompt_text = b"".join(map(self.tokenizer.token_bytes, input_ids))
         else:
             return None  # batches and embeddings pass through unrecorded
         self.counters.requests += 1
         body["return_logprob"] = True
         request.body = orjson.dumps(body)
-        request.state[STATE_KEY] = Pending(
-            namespace, prompt, prompt_text, bool(body.get("stream")), pinned
-        )
+        pending = Pending(namespace, prompt, prompt_text, bool(body.get("stream")), pinned)
+        request.state[STATE_KEY] = pending
+        if self.settings.abort_retries and not pending.stream and self.router is not None:
+            return await self._generate_continuing_aborts(request, body, pending)
         return None
+
+    async def _generate_continuing_aborts(
+        self, request: ProxyRequest, body: dict[str, Any], pending: Pending
+    ) -> Reply:
+        """Send the request; when SGLang aborts it, continue from the partial output.
+
+        Each continuation resends prompt + everything generated so far as
+        ``input_ids`` with ``max_new_tokens`` reduced, so the pieces join into
+        one answer whose ids, logprobs and per-token weight versions are exact.
+        """
+        from .proxy import fetch  # the proxy imports the router, which imports us
+
+        assert self.router is not None
+        sampling = body.get("sampling_params")
+        sampling = dict(sampling) if isinstance(sampling, dict) else {}
+        budget = sampling.get("max_new_tokens")
+        ids: list[int] = []
+        logps: list[float] = []
+        versions: list[str] = []
+        answer: dict[str, Any] = {}
+        last_ids: list[int] = []
+        attempts = 0
+        while True:
+            if isinstance(budget, int):
+                sampling["max_new_tokens"] = budget - len(ids)
+            body["sampling_params"] = sampling
+            body["input_ids"] = pending.prompt.ids + ids
+            request.body = orjson.dumps(body)
+            fetched = await fetch(self.router, request)
+            piece = _answer_of(fetched.body) if fetched.status == 200 else None
+            if piece is None:
+                if attempts == 0:  # nothing to stitch: relay the worker's answer as it is
+                    request.state.pop(STATE_KEY, None)
+                    self.trie.unpin(pending.pinned)
+                    return Reply(fetched.status, fetched.body, fetched.headers)
+                break  # keep what was generated before this failure
+            answer, generated = piece
+            last_ids, piece_logps, version, _ = generated
+            ids += last_ids
+            logps += piece_logps
+            versions += [version] * len(last_ids)
+            finish = answer.get("meta_info", {}).get("finish_reason")
+            aborted = isinstance(finish, dict) and finish.get("type") == "abort"
+            left = budget - len(ids) if isinstance(budget, int) else 1
+            if not aborted or attempts >= self.settings.abort_retries or left <= 0:
+                break
+            attempts += 1
+            self.counters.continued_aborts += 1
+            await trio.sleep(self.settings.abort_retry_backoff)
+        text = self._stitched_text(ids, last_ids, answer.get("text", ""))
+        meta = dict(answer.get("meta_info", {}))
+        meta.update(
+            prompt_tokens=len(pending.prompt.ids),
+            completion_tokens=len(ids),
+            output_token_logprobs=[[lp, t, None] for lp, t in zip(logps, ids, strict=True)],
+            output_token_weight_versions=versions,
+            continued_aborts=attempts,
+        )
+        stitched = {**answer, "text": text, "output_ids": ids, "meta_info": meta}
+        request.state.pop(STATE_KEY, None)
+        try:
+            self._record_output(pending, ids, logps, versions, text, fetched.worker)
+        finally:
+            self.trie.unpin(pending.pinned)
+        return Reply(200, orjson.dumps(stitched))
+
+    def _stitched_text(self, ids: list[int], last_ids: list[int], last_text: str) -> str:
+        """The text of all pieces, with the last piece's stop-string trim kept."""
+        full = self.tokenizer.decode(ids)
+        last_full = self.tokenizer.decode(last_ids)
+        trimmed = len(last_full) - len(last_text) if last_full.startswith(last_text) else 0
+        return full[: len(full) - trimmed] if trimmed > 0 else full
 
     def _known_prefix(
         self, ids: list[int], namespace: str, now: float
-    ) -> tuple[Trajectory, Node | None]:
+    ) -> tuple[Trajectory, Node | None, str | None, int]:
         """The prompt ids with what the cache knows about their longest cached prefix."""
         key = b"".join(map(self.tokenizer.token_bytes, ids))
         match = self.trie.match(key, namespace, now, with_hidden_tail=False)
@@ -168,7 +255,7 @@ class TokenCache(Middleware):
             cached.ids[:same], cached.logps[:same], cached.mask[:same], cached.versions[:same]
         )
         prompt.extend(_prompt_tokens(ids[same:]))
-        return prompt, self.trie.pin(match)
+        return prompt, self.trie.pin(match), _served_by(match), same
 
     # -- response -----------------------------------------------------------------
 
@@ -212,11 +299,21 @@ class TokenCache(Middleware):
             self.counters.unrecorded += 1
             return
         ids, logps, version, text = generated
-        slot = self.trie.version_slot(version)
+        self._record_output(pending, ids, logps, [version] * len(ids), text, worker)
+
+    def _record_output(
+        self,
+        pending: Pending,
+        ids: list[int],
+        logps: list[float],
+        versions: list[str],
+        text: str,
+        worker: str | None,
+    ) -> None:
         prompt = pending.prompt
         all_ids = prompt.ids + ids
         codes = [self.trie.version_slot(v) if v else PROMPT for v in prompt.versions]
-        codes += [slot] * len(ids)
+        codes += [self.trie.version_slot(v) for v in versions]
         visible = pending.prompt_text + text.encode()
         alignment = align(visible, all_ids, self.tokenizer.token_bytes)
         if alignment is None:
@@ -310,6 +407,7 @@ class TokenCache(Middleware):
             "cached_prompt_tokens": self.counters.cached_prompt_tokens,
             "fresh_prompt_tokens": self.counters.fresh_prompt_tokens,
             "retrievals": self.counters.retrievals,
+            "continued_aborts": self.counters.continued_aborts,
         }
 
 
@@ -324,6 +422,27 @@ def _is_id_list(value: object, vocab_size: int) -> bool:
         and bool(value)
         and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
     )
+
+
+def _served_by(match: Match) -> str | None:
+    """The worker that produced the deepest cached span of ``match``."""
+    for node, _ in reversed(match.path):
+        if node.worker is not None:
+            return node.worker
+    return None
+
+
+def _answer_of(
+    raw: bytes,
+) -> tuple[dict[str, Any], tuple[list[int], list[float], str, str]] | None:
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    generated = _generated(answer)
+    if generated is None or not isinstance(answer, dict):
+        return None
+    return answer, generated
 
 
 def _generated(item: Any) -> tuple[list[int], list[float], str, str] | None:
