@@ -439,3 +439,20 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         return float("nan")
     rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n * q / 100)
     return sorted_values[min(len(sorted_values), int(rank)) - 1]
+
+
+# ---------------------------------------------------------------- report helpers
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    """``value`` with ``digits`` decimals; nan shows as ``-``."""
+    return "-" if value != value else f"{value:.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain right-aligned text table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)

@@ -162,6 +162,7 @@ def test_make_policy_builds_each_name(name: str, cls: type[Any]) -> None:
 def test_make_policy_covers_every_listed_name() -> None:
     assert set(POLICY_NAMES) == {
         "least_inflight",
+        "cache_aware",
         "round_robin",
         "power_of_two",
         "random",
@@ -183,7 +184,7 @@ def test_make_policy_passes_tuning_through() -> None:
     assert ring.load_factor == 1.5
 
 
-@pytest.mark.parametrize("name", ["", "least-inflight", "Sticky", "cache_aware", "hash"])
+@pytest.mark.parametrize("name", ["", "least-inflight", "Sticky", "cache-aware", "hash"])
 def test_make_policy_rejects_unknown_names(name: str) -> None:
     with pytest.raises(ConfigError, match="unknown policy") as info:
         make_policy(name, rng())
