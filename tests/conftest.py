@@ -41,6 +41,7 @@ async def start_router(
 async def start_worker(
     nursery: trio.Nursery, *, tokenizer: Tokenizer | None = None, **overrides: Any
 ) -> SimWorkerHandle:
+    overrides.setdefault("tokenizer", "bytes")
     handle: SimWorkerHandle = await nursery.start(
         partial(serve_sim_worker, SimWorkerConfig(**overrides), tokenizer=tokenizer)
     )

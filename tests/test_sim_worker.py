@@ -38,6 +38,7 @@ EOS = TOK.eos_token_id
 
 
 async def start(nursery: trio.Nursery, **config: Any) -> SimWorkerHandle:
+    config.setdefault("tokenizer", "bytes")
     handle: SimWorkerHandle = await nursery.start(serve_sim_worker, SimWorkerConfig(**config))
     return handle
 

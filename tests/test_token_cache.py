@@ -326,7 +326,11 @@ async def test_an_in_flight_prefix_survives_eviction_and_gc_until_its_answer_is_
         upstream.script = Script(chunks=[gate, scripted_answer(qwen3, qwen3.encode(" second"))])
         async with trio.open_nursery() as inflight:
             inflight.start_soon(generate, client, running.url, turn1 + " next:")
-            await wait_until(lambda: upstream.active == 1)
+            await wait_until(
+                lambda: (
+                    sum(s.path == "/generate" for s in upstream.seen) == 2 and upstream.active == 1
+                )
+            )
             # flood the cache past its budget and collect every old version meanwhile
             slot = cache.trie.version_slot("flood")
             for i in range(20):

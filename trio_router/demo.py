@@ -1,8 +1,10 @@
 """``trio-router demo``: two simulated workers and a router in one nursery.
 
-It drives a short multi-turn rollout through the router (concurrent agents,
-each pinned to one worker by its ``X-SMG-Routing-Key``, one of them streamed)
-and prints what happened, as the router and the workers saw it.
+It drives a short multi-turn rollout through the router (concurrent agents
+speaking text with the Qwen3 chat template, each pinned to one worker by its
+``X-SMG-Routing-Key``, one of them streamed), then asks the router for each
+conversation's tokens and checks them against the ids the engine consumed and
+produced. It prints what happened, as the router and the workers saw it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import trio
 from .config import RouterConfig
 from .server import RunningRouter, serve
 from .sim.worker import SimWorkerConfig, SimWorkerHandle, serve_sim_worker
+from .tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass(slots=True)
@@ -31,22 +34,36 @@ class AgentLog:
     events: int = 0
     tokens: int = 0
     errors: list[str] = field(default_factory=list)
+    conversation: str = ""
+    truth: list[int] = field(default_factory=list)  # the ids the engine consumed and produced
+    exact: bool | None = None
+    naive_exact: bool | None = None
 
 
-async def _agent(client: httpx.AsyncClient, log: AgentLog, turns: int) -> None:
-    conversation = f"System: you are agent {log.agent}.\nUser: plan a trip, step by step.\n"
+NEXT_TURN = (
+    "<|im_end|>\n<|im_start|>user\nWhat is the next step?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+async def _agent(
+    client: httpx.AsyncClient, log: AgentLog, turns: int, tokenizer: Tokenizer
+) -> None:
+    log.conversation = (
+        f"<|im_start|>system\nYou are agent {log.agent}.<|im_end|>\n"
+        "<|im_start|>user\nPlan a trip, step by step.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    log.truth = tokenizer.encode(log.conversation)
     headers = {"X-SMG-Routing-Key": f"agent-{log.agent}"}
     for turn in range(turns):
         body: dict[str, Any] = {
-            "text": conversation + "Assistant:",
+            "text": log.conversation,
             "sampling_params": {"max_new_tokens": 16, "temperature": 0},
             "stream": log.streamed,
         }
         began = trio.current_time()
         try:
             if log.streamed:
-                text = ""
-                tokens = 0
+                answer: dict[str, Any] = {}
                 first: float | None = None
                 async with client.stream("POST", "/generate", json=body, headers=headers) as r:
                     r.raise_for_status()
@@ -57,21 +74,34 @@ async def _agent(client: httpx.AsyncClient, log: AgentLog, turns: int) -> None:
                             first = (trio.current_time() - began) * 1000
                             log.first_event_ms.append(first)
                         log.events += 1
-                        event = orjson.loads(line[6:])
-                        text = event["text"]
-                        tokens = event["meta_info"]["completion_tokens"]
-                log.tokens += tokens
+                        answer = orjson.loads(line[6:])
             else:
                 response = await client.post("/generate", json=body, headers=headers)
                 response.raise_for_status()
                 answer = response.json()
-                text = answer["text"]
-                log.tokens += answer["meta_info"]["completion_tokens"]
+            text, output = answer["text"], answer["output_ids"]
         except (httpx.HTTPError, KeyError, orjson.JSONDecodeError) as exc:
             log.errors.append(f"turn {turn}: {type(exc).__name__}: {exc}")
             return
         log.latencies.append((trio.current_time() - began) * 1000)
-        conversation += f"Assistant:{text}\nUser: next step?\n"
+        log.tokens += len(output)
+        log.conversation += text
+        log.truth += output
+        if turn < turns - 1:
+            log.conversation += NEXT_TURN
+            ended = bool(output) and output[-1] == tokenizer.eos_token_id
+            log.truth += tokenizer.encode(
+                NEXT_TURN.removeprefix("<|im_end|>") if ended else NEXT_TURN
+            )
+
+
+async def _check_exactness(client: httpx.AsyncClient, log: AgentLog, tokenizer: Tokenizer) -> None:
+    """Compare what the trainer would get with what the engine really saw."""
+    if log.errors:
+        return
+    response = await client.post("/retrieve_from_text", json={"text": log.conversation})
+    log.exact = response.status_code == 200 and response.json()["tokens"] == log.truth
+    log.naive_exact = tokenizer.encode(log.conversation) == log.truth
 
 
 def _summary(
@@ -125,6 +155,18 @@ def _summary(
     )
     sticky = decisions.get("pin_hit", 0) == requests - len(logs) and not errors
     lines.append(f"  every agent stayed on one worker: {'yes' if sticky else 'no'}")
+    exact = sum(bool(log.exact) for log in logs)
+    naive = sum(bool(log.naive_exact) for log in logs)
+    cache = metrics.get("cache", {})
+    lines.append(
+        f"  token cache: hit rate {cache.get('hit_rate', 0):.2f}, "
+        f"{cache.get('cached_prompt_tokens', 0)} prompt tokens reused, "
+        f"{cache.get('fresh_prompt_tokens', 0)} tokenized"
+    )
+    lines.append(
+        f"  /retrieve_from_text gives the engine's exact tokens for {exact}/{len(logs)} "
+        f"conversations (re-tokenizing the final text: {naive}/{len(logs)})"
+    )
     for e in errors:
         lines.append(f"  error: {e}")
     return "\n".join(lines)
@@ -132,10 +174,15 @@ def _summary(
 
 async def run_demo(*, agents: int = 6, turns: int = 3, serve_forever: bool = False) -> int:
     """Run the demo; returns the process exit code."""
+    tokenizer = await trio.to_thread.run_sync(load_tokenizer)
     async with trio.open_nursery() as nursery:
         workers = [
             await nursery.start(
-                partial(serve_sim_worker, SimWorkerConfig(latency_per_token_ms=1.0, seed=i))
+                partial(
+                    serve_sim_worker,
+                    SimWorkerConfig(latency_per_token_ms=1.0, seed=i),
+                    tokenizer=tokenizer,
+                )
             )
             for i in range(2)
         ]
@@ -144,16 +191,19 @@ async def run_demo(*, agents: int = 6, turns: int = 3, serve_forever: bool = Fal
             worker_urls=tuple(w.url for w in workers),
             policy="sticky",
             health_check_interval=2.0,
+            radix_tree_max_size=1_000_000,
             seed=0,
         )
-        running: RunningRouter = await nursery.start(partial(serve, config))
+        running: RunningRouter = await nursery.start(partial(serve, config, tokenizer=tokenizer))
         began = trio.current_time()
         logs = [AgentLog(agent=i, streamed=i == 0) for i in range(agents)]
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
             async with trio.open_nursery() as rollout:
                 for log in logs:
-                    rollout.start_soon(_agent, client, log, turns)
+                    rollout.start_soon(_agent, client, log, turns, tokenizer)
             wall = trio.current_time() - began
+            for log in logs:
+                await _check_exactness(client, log, tokenizer)
             metrics = (await client.get("/metrics")).json()
         print(_summary(running, workers, logs, metrics, wall), flush=True)
         if serve_forever:
@@ -165,4 +215,4 @@ async def run_demo(*, agents: int = 6, turns: int = 3, serve_forever: bool = Fal
                 async for _ in signals:
                     break
         nursery.cancel_scope.cancel()
-    return 1 if any(log.errors for log in logs) else 0
+    return 1 if any(log.errors or not log.exact for log in logs) else 0

@@ -106,12 +106,19 @@ class Tap(AsyncIterator[bytes]):
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self._body.__anext__()
+        try:
+            chunk = await self._body.__anext__()
+        except StopAsyncIteration:
+            self.finished()
+            raise
         self.seen(chunk)
         return chunk
 
     def seen(self, chunk: bytes) -> None:
         """Called with each chunk as it passes."""
+
+    def finished(self) -> None:
+        """Called once the worker's body has ended, before the client gets its last byte."""
 
 
 class Middleware:

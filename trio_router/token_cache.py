@@ -69,14 +69,30 @@ class Pending:
     pinned: Node | None
     chunks: list[bytes] = field(default_factory=list)
     last_event: bytes | None = None
+    worker: str | None = None
+    recorded: bool = False
 
 
-class _SSETap(Tap):
-    """Remembers the last complete ``data:`` event of an SSE stream (they are cumulative)."""
+class _RecordingTap(Tap):
+    """Records the answer when the worker's body ends: before the client has all of
+    it, so a /retrieve_from_text sent after the answer always sees it."""
 
-    def __init__(self, body: AsyncIterator[bytes], pending: Pending) -> None:
+    def __init__(self, body: AsyncIterator[bytes], pending: Pending, cache: TokenCache) -> None:
         super().__init__(body)
         self.pending = pending
+        self.cache = cache
+
+    def finished(self) -> None:
+        if not self.pending.recorded:
+            self.pending.recorded = True
+            self.cache.record(self.pending, self.pending.worker)
+
+
+class _SSETap(_RecordingTap):
+    """Remembers the last complete ``data:`` event of an SSE stream (they are cumulative)."""
+
+    def __init__(self, body: AsyncIterator[bytes], pending: Pending, cache: TokenCache) -> None:
+        super().__init__(body, pending, cache)
         self.buffer = bytearray()
 
     def seen(self, chunk: bytes) -> None:
@@ -92,11 +108,7 @@ class _SSETap(Tap):
         del self.buffer[: end + 2]
 
 
-class _BodyTap(Tap):
-    def __init__(self, body: AsyncIterator[bytes], pending: Pending) -> None:
-        super().__init__(body)
-        self.pending = pending
-
+class _BodyTap(_RecordingTap):
     def seen(self, chunk: bytes) -> None:
         self.pending.chunks.append(chunk)
 
@@ -265,19 +277,17 @@ class TokenCache(Middleware):
         pending = request.state.get(STATE_KEY)
         if not isinstance(pending, Pending) or head.status != 200:
             return body
-        return _SSETap(body, pending) if pending.stream else _BodyTap(body, pending)
+        pending.worker = head.worker
+        tap = _SSETap if pending.stream else _BodyTap
+        return tap(body, pending, self)
 
     async def on_response_end(self, request: ProxyRequest, outcome: Outcome) -> None:
         pending = request.state.pop(STATE_KEY, None)
         if not isinstance(pending, Pending):
             return
-        try:
-            if outcome.completed and outcome.status == 200:
-                self.record(pending, outcome.worker)
-            else:
-                self.counters.unrecorded += 1
-        finally:
-            self.trie.unpin(pending.pinned)
+        if not pending.recorded:
+            self.counters.unrecorded += 1
+        self.trie.unpin(pending.pinned)
 
     def record(self, pending: Pending, worker: str | None) -> None:
         """Insert the trajectories of a finished /generate answer."""

@@ -68,6 +68,9 @@ class SimWorkerConfig:
     latency_per_token_ms: float = option(0.0, "simulated time per generated token, in ms")
     model_path: str = option("trio-router/sim", "model path reported by /get_model_info")
     seed: int = option(0, "seed of the deterministic generator")
+    tokenizer: str = option(
+        "qwen3", "qwen3 (the shipped tokenizer), bytes (built in, tiny), or a tokenizer directory"
+    )
 
     def problems(self) -> list[str]:
         found = []
@@ -1154,6 +1157,8 @@ async def serve_sim_worker(
 ) -> None:
     """Serve a ``SimWorker`` with hypercorn until ``handle.kill()`` (or cancellation)."""
     config = config if config is not None else SimWorkerConfig()
+    if tokenizer is None:
+        tokenizer = await trio.to_thread.run_sync(resolve_tokenizer, config.tokenizer)
     app = SimWorker(config, tokenizer, faults)
     hc = _Config()
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -1167,6 +1172,15 @@ async def serve_sim_worker(
             binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hc)
             app.url = binds[0]
             task_status.started(SimWorkerHandle(binds[0], app, scope, hc.created_sockets))
+
+
+def resolve_tokenizer(name: str) -> TokenizerLike:
+    """The tokenizer a worker config names: ``bytes``, ``qwen3`` or a directory."""
+    if name == "bytes":
+        return ByteTokenizer()
+    from ..tokenizer import load_tokenizer
+
+    return load_tokenizer(None if name == "qwen3" else name)
 
 
 async def run_sim_worker_until_signalled(config: SimWorkerConfig) -> None:
