@@ -436,3 +436,20 @@ async def test_without_abort_retries_an_abort_is_returned_as_is(nursery, client,
         answer = await generate(client, running.url, PROMPT)
     assert answer["meta_info"]["finish_reason"]["type"] == "abort"
     assert len(answer["output_ids"]) == 3
+
+
+async def test_cache_figures_are_in_json_and_prometheus_metrics(nursery, client, qwen3):
+    _worker, running = await cached_router(nursery, qwen3)
+    with trio.fail_after(20):
+        answer = await generate(client, running.url, PROMPT)
+        await generate(client, running.url, PROMPT + answer["text"] + "<|im_end|>\n")
+        cache = (await client.get(running.url + "/metrics")).json()["cache"]
+        text = (await client.get(running.url + "/prometheus")).text
+    assert cache["enabled"] is True
+    assert cache["recorded"] == 2
+    assert cache["cache_hits"] == 1
+    assert cache["cached_prompt_tokens"] == len(qwen3.encode(PROMPT)) + len(answer["output_ids"])
+    assert cache["max_cache_size"] == 1_000_000
+    assert f"trio_router_cache_tokens {float(cache['cur_cache_size'])}" in text
+    assert "trio_router_cache_recorded_total 2.0" in text
+    assert "trio_router_cache_hits_total 1.0" in text

@@ -8,9 +8,10 @@ at scrape time by a collector, so the hot path never updates them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .pool import WorkerPool, WorkerState
@@ -79,6 +80,55 @@ class PoolCollector(Collector):
         for name, count in self.service_restarts().items():
             restarts.add_metric([name], count)
         yield from (inflight, healthy, state, total, restarts)
+
+
+class CacheCollector(Collector):
+    """The token cache's figures (its /metrics ``cache`` section), read at scrape time."""
+
+    GAUGES: ClassVar[dict[str, tuple[str, str]]] = {
+        "cur_cache_size": ("trio_router_cache_tokens", "Tokens stored in the token cache"),
+        "max_cache_size": ("trio_router_cache_max_tokens", "Token budget of the token cache"),
+        "total_entries": ("trio_router_cache_nodes", "Radix tree nodes"),
+        "cache_size_mb": ("trio_router_cache_size_mb", "Approximate cache payload, MiB"),
+        "hit_rate": ("trio_router_cache_hit_rate", "Lookups that found a cached prefix"),
+    }
+    COUNTERS: ClassVar[dict[str, tuple[str, str]]] = {
+        "cache_hits": ("trio_router_cache_hits", "Lookups that found a cached prefix"),
+        "cache_misses": ("trio_router_cache_misses", "Lookups that found nothing"),
+        "evictions": ("trio_router_cache_evicted_tokens", "Tokens evicted for the budget"),
+        "gc_removed_tokens": ("trio_router_cache_gc_tokens", "Tokens dropped with old versions"),
+        "recorded": ("trio_router_cache_recorded", "Trajectories recorded"),
+        "alignment_failures": (
+            "trio_router_cache_alignment_failures",
+            "Answers whose tokens do not spell their text (kept only in part)",
+        ),
+        "cached_prompt_tokens": (
+            "trio_router_cache_prompt_tokens_cached",
+            "Prompt tokens taken from the cache instead of tokenizing",
+        ),
+        "fresh_prompt_tokens": (
+            "trio_router_cache_prompt_tokens_fresh",
+            "Prompt tokens the router tokenized",
+        ),
+        "continued_aborts": (
+            "trio_router_cache_continued_aborts",
+            "Aborted generations continued on a worker",
+        ),
+    }
+
+    def __init__(self, report: Callable[[], dict[str, object]]) -> None:
+        self.report = report
+
+    def collect(self) -> Iterator[Metric]:
+        report = self.report()
+        for key, (name, text) in self.GAUGES.items():
+            value = report.get(key)
+            if isinstance(value, int | float):
+                yield GaugeMetricFamily(name, text, value=float(value))
+        for key, (name, text) in self.COUNTERS.items():
+            value = report.get(key)
+            if isinstance(value, int | float):
+                yield CounterMetricFamily(name, text, value=float(value))
 
 
 class Metrics:

@@ -20,7 +20,7 @@ from .config import RouterConfig
 from .errors import BadRequest, ConfigError
 from .health import HealthChecker, Probe, http_probe
 from .hooks import Middleware, MiddlewareChain, load_middleware
-from .metrics import Metrics
+from .metrics import CacheCollector, Metrics
 from .policies import Policy, make_policy
 from .pool import HealthRules, Transition, Worker, WorkerPool, normalize_worker_url
 from .supervise import ServiceBoard, supervise
@@ -95,6 +95,8 @@ class Router:
             )
             builtin.append(self.token_cache)
         self.chain = MiddlewareChain([*builtin, *load_middleware(config.middleware_paths, self)])
+        if self.token_cache is not None:
+            self.metrics.registry.register(CacheCollector(self.token_cache.report))
 
     def _count_transition(self, t: Transition) -> None:
         self.metrics.transitions.labels(t.url, t.old.value, t.new.value).inc()
