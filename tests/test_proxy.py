@@ -267,7 +267,14 @@ async def test_worker_killed_under_load_is_quarantined_without_errors_for_new_re
     async def load(n: int) -> None:
         for i in range(n):
             was_killed = killed.is_set()
-            r = await client.post(running.url + "/generate", json={"text": f"load {i}"})
+            try:
+                r = await client.post(running.url + "/generate", json={"text": f"load {i}"})
+            except httpx.TransportError:
+                # a request the dead worker was answering when it died is cut off;
+                # only those that started after the kill must all succeed
+                if was_killed:
+                    errors_after_kill.append(0)
+                continue
             if was_killed and r.status_code != 200:
                 errors_after_kill.append(r.status_code)
 
