@@ -66,10 +66,14 @@ class ProxyRequest:
 
 @dataclass(slots=True)
 class Reply:
-    """A complete answer given without (or instead of) a worker's."""
+    """An answer given without (or instead of) a worker's.
+
+    ``body`` is bytes, or an async iterator of chunks for a streamed answer
+    (sent as it is produced; closed with ``aclose`` if the client goes away).
+    """
 
     status: int
-    body: bytes
+    body: bytes | AsyncIterator[bytes]
     headers: list[tuple[bytes, bytes]] = field(default_factory=lambda: list(JSON_HEADERS))
 
 

@@ -118,6 +118,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 async def send_reply(send: Send, reply: Reply) -> None:
+    assert isinstance(reply.body, bytes)
     headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body, "more_body": False})
@@ -196,9 +197,7 @@ class Proxy:
             with trio.move_on_after(timeout if timeout > 0 else math.inf) as deadline:
                 reply = await router.chain.on_request(request) if router.chain.active else None
                 if reply is not None:
-                    await send_reply(send, reply)
-                    progress.status = reply.status
-                    progress.completed = True
+                    await self._answer(reply, send, progress)
                     return
                 await self._forward(request, send, progress)
             if deadline.cancelled_caught:
@@ -212,6 +211,31 @@ class Proxy:
             self._failed(progress, RouterError(f"internal router error: {type(exc).__name__}"))
             if not progress.response_started:
                 await send_reply(send, error_reply(RouterError("internal router error")))
+
+    @staticmethod
+    async def _answer(reply: Reply, send: Send, progress: Progress) -> None:
+        """Send a middleware's own answer; a streamed one chunk by chunk."""
+        progress.status = reply.status
+        if isinstance(reply.body, bytes):
+            progress.completed = True
+            await send_reply(send, reply)
+            return
+        body = reply.body
+        try:
+            await send(
+                {"type": "http.response.start", "status": reply.status, "headers": reply.headers}
+            )
+            progress.response_started = True
+            async for chunk in body:
+                progress.bytes_sent += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            progress.completed = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()
 
     @staticmethod
     def _failed(progress: Progress, exc: RouterError) -> None:

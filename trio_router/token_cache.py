@@ -71,6 +71,7 @@ class Pending:
     last_event: bytes | None = None
     worker: str | None = None
     recorded: bool = False
+    hint: str | None = None
 
 
 class _RecordingTap(Tap):
@@ -143,39 +144,20 @@ class TokenCache(Middleware):
         text = body.get("text")
         input_ids = body.get("input_ids")
         namespace = self.namespace(request)
-        now = trio.current_time()
-        if isinstance(text, str) and input_ids is None and "input_embeds" not in body:
-            if not text:
-                return None
-            prompt_text = text.encode()
-            match = self.trie.match(prompt_text, namespace, now, with_hidden_tail=False)
-            pinned = self.trie.pin(match)
-            try:
-                prompt = self.trie.trajectory(match)
-                remainder = prompt_text[match.matched_bytes :].decode()
-                fresh = await self.tokenizer.aencode(remainder) if remainder else []
-            except BaseException:
-                self.trie.unpin(pinned)
-                raise
-            prompt.extend(_prompt_tokens(fresh))
-            if match.matched_bytes >= self.settings.cache_threshold * len(prompt_text):
-                request.hint = _served_by(match)
+        if isinstance(text, str) and text and input_ids is None and "input_embeds" not in body:
+            pending = await self.prepare_text(text, namespace)
             del body["text"]
-            body["input_ids"] = prompt.ids
-            self.counters.cached_prompt_tokens += match.token_count
-            self.counters.fresh_prompt_tokens += len(fresh)
+            body["input_ids"] = pending.prompt.ids
         elif _is_id_list(input_ids, self.tokenizer.vocab_size):
             assert isinstance(input_ids, list)
-            prompt, pinned, served_by, cached = self._known_prefix(input_ids, namespace, now)
-            if cached >= self.settings.cache_threshold * len(input_ids):
-                request.hint = served_by
-            prompt_text = b"".join(map(self.tokenizer.token_bytes, input_ids))
+            pending = self.prepare_ids(input_ids, namespace)
         else:
             return None  # batches and embeddings pass through unrecorded
+        request.hint = pending.hint
         self.counters.requests += 1
         body["return_logprob"] = True
         request.body = orjson.dumps(body)
-        pending = Pending(namespace, prompt, prompt_text, bool(body.get("stream")), pinned)
+        pending.stream = bool(body.get("stream"))
         request.state[STATE_KEY] = pending
         if self.settings.abort_retries and not pending.stream and self.router is not None:
             return await self._generate_continuing_aborts(request, body, pending)
@@ -252,6 +234,43 @@ class TokenCache(Middleware):
         last_full = self.tokenizer.decode(last_ids)
         trimmed = len(last_full) - len(last_text) if last_full.startswith(last_text) else 0
         return full[: len(full) - trimmed] if trimmed > 0 else full
+
+    async def prepare_text(self, text: str, namespace: str) -> Pending:
+        """The prompt ids for ``text``: its longest cached prefix, then fresh tokens.
+
+        The cached span stays pinned until ``finish(pending)``.
+        """
+        prompt_text = text.encode()
+        match = self.trie.match(prompt_text, namespace, trio.current_time(), with_hidden_tail=False)
+        pinned = self.trie.pin(match)
+        try:
+            prompt = self.trie.trajectory(match)
+            remainder = prompt_text[match.matched_bytes :].decode()
+            fresh = await self.tokenizer.aencode(remainder) if remainder else []
+        except BaseException:
+            self.trie.unpin(pinned)
+            raise
+        prompt.extend(_prompt_tokens(fresh))
+        self.counters.cached_prompt_tokens += match.token_count
+        self.counters.fresh_prompt_tokens += len(fresh)
+        pending = Pending(namespace, prompt, prompt_text, False, pinned)
+        if match.matched_bytes >= self.settings.cache_threshold * len(prompt_text):
+            pending.hint = _served_by(match)
+        return pending
+
+    def prepare_ids(self, ids: list[int], namespace: str) -> Pending:
+        """A prompt given as ids, with what the cache knows about their prefix."""
+        prompt, pinned, served_by, cached = self._known_prefix(ids, namespace, trio.current_time())
+        prompt_text = b"".join(map(self.tokenizer.token_bytes, ids))
+        pending = Pending(namespace, prompt, prompt_text, False, pinned)
+        if cached >= self.settings.cache_threshold * len(ids):
+            pending.hint = served_by
+        return pending
+
+    def finish(self, pending: Pending) -> None:
+        """Release what ``prepare_*`` pinned."""
+        self.trie.unpin(pending.pinned)
+        pending.pinned = None
 
     def _known_prefix(
         self, ids: list[int], namespace: str, now: float
