@@ -80,6 +80,9 @@ class RouterConfig:
     namespace_header: str = option(
         "x-trio-router-namespace", "header naming a tenant namespace of cached trajectories"
     )
+    served_model_name: str = option(
+        "default", "model name of the OpenAI API (/v1/models, responses)"
+    )
     balance_abs_threshold: int = option(
         32, "cache_aware: in-flight difference between workers that counts as imbalanced"
     )

@@ -21,6 +21,7 @@ from .errors import BadRequest, ConfigError
 from .health import HealthChecker, Probe, http_probe
 from .hooks import Middleware, MiddlewareChain, load_middleware
 from .metrics import CacheCollector, Metrics
+from .openai_api import OpenAIFrontend
 from .policies import Policy, make_policy
 from .pool import HealthRules, Transition, Worker, WorkerPool, normalize_worker_url
 from .supervise import ServiceBoard, supervise
@@ -94,6 +95,7 @@ class Router:
                 router=self,
             )
             builtin.append(self.token_cache)
+            builtin.append(OpenAIFrontend(self, self.token_cache, config.served_model_name))
         self.chain = MiddlewareChain([*builtin, *load_middleware(config.middleware_paths, self)])
         if self.token_cache is not None:
             self.metrics.registry.register(CacheCollector(self.token_cache.report))

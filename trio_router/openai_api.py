@@ -1,0 +1,712 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions and /v1/models.
+
+The router renders ``messages`` with the tokenizer's chat template, reuses
+cached prefix tokens, sends ``input_ids`` to a worker's ``/generate``, records
+the trajectory, and answers in OpenAI's format, streamed or not. So
+``/retrieve_from_text`` on the rendered conversation returns the exact tokens.
+With ``tools`` the request goes to the worker's own ``/v1/chat/completions``
+(with the router's ``input_ids``), which parses tool calls server-side.
+
+A built-in middleware: it answers these paths itself (see ``hooks.Reply``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+
+from .errors import BadRequest, RouterError, UpstreamError, UpstreamProtocolError
+from .hooks import Middleware, ProxyRequest, Reply
+from .token_cache import Pending, TokenCache
+
+if TYPE_CHECKING:
+    from .router import Router
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+JSON = [(b"content-type", b"application/json")]
+#: OpenAI fields the router maps itself; any other field goes to the worker as is.
+CHAT_FIELDS = frozenset(
+    {
+        "messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+        "stop", "seed", "presence_penalty", "frequency_penalty", "n", "stream",
+        "stream_options", "logprobs", "top_logprobs", "user", "tools", "tool_choice",
+        "parallel_tool_calls", "chat_template_kwargs", "response_format", "logit_bias",
+        "metadata", "store", "service_tier", "prompt", "echo", "suffix", "best_of",
+    }
+)  # fmt: skip
+#: SGLang sampling parameters accepted as top-level extension fields.
+SAMPLING_EXTRAS = frozenset(
+    {
+        "top_k", "min_p", "repetition_penalty", "min_new_tokens", "ignore_eos",
+        "stop_token_ids", "skip_special_tokens", "spaces_between_special_tokens",
+        "no_stop_trim", "regex", "json_schema",
+    }
+)  # fmt: skip
+MAX_N = 64
+FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass(slots=True)
+class Call:
+    """One validated request to generate."""
+
+    stream: bool
+    n: int
+    sampling: dict[str, Any]
+    extras: dict[str, Any]
+    logprobs: bool
+    top_logprobs: int
+    include_usage: bool
+    model: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def _number(body: dict[str, Any], name: str, *, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be a number")
+    if not low <= value <= high:
+        raise BadRequest(f"'{name}' must be within [{low:g}, {high:g}]")
+    return value
+
+
+def _integer(body: dict[str, Any], name: str, *, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be an integer within [{low}, {high}]")
+    return value
+
+
+def parse_call(body: dict[str, Any], default_model: str, *, default_max: int | None) -> Call:
+    """Validate the shared OpenAI parameters and map them to SGLang's."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean")
+    n = _integer(body, "n", low=1, high=MAX_N) or 1
+    if n > 1 and stream:
+        raise BadRequest("'n' > 1 cannot be streamed; send n requests instead")
+    sampling: dict[str, Any] = {}
+    max_tokens = _integer(body, "max_completion_tokens", low=1, high=10_000_000)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", low=1, high=10_000_000)
+    if max_tokens is None:
+        max_tokens = default_max
+    if max_tokens is not None:
+        sampling["max_new_tokens"] = max_tokens
+    for name, low, high in (
+        ("temperature", 0, 2),
+        ("top_p", 0, 1),
+        ("presence_penalty", -2, 2),
+        ("frequency_penalty", -2, 2),
+    ):
+        value = _number(body, name, low=low, high=high)
+        if value is not None:
+            sampling[name] = value
+    seed = body.get("seed")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise BadRequest("'seed' must be an integer")
+        sampling["sampling_seed"] = seed
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise BadRequest("'stop' must be a string or a list of strings")
+        sampling["stop"] = stop
+    extras: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in SAMPLING_EXTRAS:
+            sampling[key] = value
+        elif key not in CHAT_FIELDS:
+            extras[key] = value
+    logprobs = body.get("logprobs", False)
+    top = body.get("top_logprobs") or 0
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+        raise BadRequest("'top_logprobs' must be an integer within [0, 20]")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object")
+    model = body.get("model") or default_model
+    if not isinstance(model, str):
+        raise BadRequest("'model' must be a string")
+    return Call(
+        stream=stream,
+        n=n,
+        sampling=sampling,
+        extras=extras,
+        logprobs=bool(logprobs),
+        top_logprobs=top,
+        include_usage=bool(options.get("include_usage")),
+        model=model,
+        body=body,
+    )
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Validated chat messages (content parts of type text are joined)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list")
+    clean = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{index}] must be an object")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise BadRequest(f"messages[{index}] has no 'role'")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{index}].role {role!r} is not one of {sorted(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise BadRequest(f"messages[{index}].content: only text parts are supported")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        elif content is not None and not isinstance(content, str):
+            raise BadRequest(f"messages[{index}].content must be a string, a list or null")
+        clean.append({**message, "content": content if content is not None else ""})
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise BadRequest("'tools' must be a list")
+    return clean
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class SSEEvents:
+    """Splits a byte stream into the data of its server-sent events."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        start = max(0, len(self.buffer) - 1)
+        self.buffer += chunk
+        end = self.buffer.rfind(b"\n\n", start)
+        if end < 0:
+            return []
+        events = []
+        for event in bytes(self.buffer[:end]).split(b"\n\n"):
+            event = event.strip()
+            if event.startswith(b"data:"):
+                events.append(event[5:].strip())
+        del self.buffer[: end + 2]
+        return events
+
+
+@dataclass(slots=True)
+class Generated:
+    """One generation's result, as the front ends need it."""
+
+    text: str
+    ids: list[int]
+    logps: list[float]
+    finish: str
+    prompt_tokens: int
+    meta: dict[str, Any]
+    worker: str | None
+
+
+class OpenAIFrontend(Middleware):
+    """Answers the OpenAI endpoints from the token cache and the workers' /generate."""
+
+    def __init__(self, router: Router, cache: TokenCache, model: str) -> None:
+        self.router = router
+        self.cache = cache
+        self.model = model
+
+    async def on_request(self, request: ProxyRequest) -> Reply | None:
+        path, method = request.path, request.method
+        if path == "/v1/models" and method == "GET":
+            return Reply(200, orjson.dumps(self.models()), list(JSON))
+        if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions"):
+            return None
+        body = self.json_body(request)
+        if path == "/v1/chat/completions":
+            return await self.chat(request, body)
+        return await self.completions(request, body)
+
+    @staticmethod
+    def json_body(request: ProxyRequest) -> dict[str, Any]:
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        return body
+
+    def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": self.model, "object": "model", "created": 0, "owned_by": "trio-router"}
+            ],
+        }
+
+    # -- chat ---------------------------------------------------------------------
+
+    async def chat(self, request: ProxyRequest, body: dict[str, Any]) -> Reply:
+        messages = parse_messages(body)
+        call = parse_call(body, self.model, default_max=None)
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise BadRequest("'chat_template_kwargs' must be an object")
+        try:
+            rendered = self.cache.tokenizer.apply_chat_template(
+                messages, tools=body.get("tools"), add_generation_prompt=True, **kwargs
+            )
+        except Exception as exc:
+            raise BadRequest(f"cannot render the chat template: {exc}") from None
+        namespace = self.cache.namespace(request)
+        pending = await self.cache.prepare_text(rendered, namespace)
+        if body.get("tools"):
+            return await self._chat_with_tools(request, body, call, pending)
+        if call.stream:
+            return Reply(200, self._chat_stream(request, call, pending), list(SSE_HEADERS))
+        try:
+            results = await self.generate_n(request, call, pending)
+        finally:
+            self.cache.finish(pending)
+        return Reply(200, orjson.dumps(self._chat_object(call, results)), list(JSON))
+
+    def _chat_object(self, call: Call, results: list[Generated]) -> dict[str, Any]:
+        choices = []
+        for index, result in enumerate(results):
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": self._chat_logprobs(call, result),
+                "finish_reason": FINISH.get(result.finish, result.finish),
+                "meta_info": result.meta,
+            }
+            choices.append(choice)
+        completion = sum(len(r.ids) for r in results)
+        prompt = results[0].prompt_tokens if results else 0
+        return {
+            "id": completion_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": call.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
+
+    def _chat_logprobs(self, call: Call, result: Generated) -> dict[str, Any] | None:
+        if not call.logprobs:
+            return None
+        tokenizer = self.cache.tokenizer
+        tops = result.meta.get("output_top_logprobs") or []
+        content = []
+        for i, (token, logp) in enumerate(zip(result.ids, result.logps, strict=True)):
+            raw = tokenizer.token_bytes(token)
+            top = []
+            if call.top_logprobs and i < len(tops) and isinstance(tops[i], list):
+                for entry in tops[i][: call.top_logprobs]:
+                    if isinstance(entry, list) and len(entry) >= 2:
+                        alt = tokenizer.token_bytes(int(entry[1]))
+                        top.append(
+                            {
+                                "token": alt.decode("utf-8", "replace"),
+                                "logprob": entry[0],
+                                "bytes": list(alt),
+                            }
+                        )
+            content.append(
+                {
+                    "token": raw.decode("utf-8", "replace"),
+                    "logprob": logp,
+                    "bytes": list(raw),
+                    "top_logprobs": top,
+                }
+            )
+        return {"content": content}
+
+    async def _chat_stream(
+        self, request: ProxyRequest, call: Call, pending: Pending
+    ) -> AsyncIterator[bytes]:
+        ident = completion_id("chatcmpl")
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return sse(
+                {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": call.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+            )
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            result: Generated | None = None
+            async with aclosing(self.generate_stream(request, call, pending)) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        if item:
+                            yield chunk({"content": item})
+                    else:
+                        result = item
+            assert result is not None
+            final = {"finish_reason": FINISH.get(result.finish, result.finish)}
+            last: dict[str, Any] = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": call.model,
+                "choices": [{"index": 0, "delta": {}, **final, "meta_info": result.meta}],
+            }
+            if call.logprobs:
+                last["choices"][0]["logprobs"] = self._chat_logprobs(call, result)
+            yield sse(last)
+            if call.include_usage:
+                yield sse(
+                    {
+                        "id": ident,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": call.model,
+                        "choices": [],
+                        "usage": _usage(result.prompt_tokens, len(result.ids)),
+                    }
+                )
+        except RouterError as exc:
+            yield sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
+        finally:
+            self.cache.finish(pending)
+        yield b"data: [DONE]\n\n"
+
+    async def _chat_with_tools(
+        self, request: ProxyRequest, body: dict[str, Any], call: Call, pending: Pending
+    ) -> Reply:
+        """Tool calls are parsed by the worker: send it the chat request with our ids."""
+        from .proxy import fetch
+
+        forward = {**body, "input_ids": pending.prompt.ids, "stream": False}
+        forward.setdefault("logprobs", True)
+        upstream = self._upstream_request(request, "/v1/chat/completions", forward, pending)
+        try:
+            fetched = await fetch(self.router, upstream)
+            if fetched.status != 200:
+                return Reply(fetched.status, fetched.body, fetched.headers)
+            answer = orjson.loads(fetched.body)
+            for choice in answer.get("choices", []) if isinstance(answer, dict) else []:
+                meta = choice.get("meta_info") if isinstance(choice, dict) else None
+                if isinstance(meta, dict):
+                    ids = meta.get("output_ids") or [
+                        p[1] for p in meta.get("output_token_logprobs", [])
+                    ]
+                    self.cache.insert_answer(
+                        replace(pending, chunks=[]),
+                        {
+                            "text": self.cache.tokenizer.decode(ids),
+                            "meta_info": meta,
+                        },
+                        fetched.worker,
+                    )
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError(f"worker sent invalid JSON: {exc}") from None
+        finally:
+            self.cache.finish(pending)
+        if not call.logprobs and isinstance(answer, dict):
+            for choice in answer.get("choices", []):
+                if isinstance(choice, dict):
+                    choice["logprobs"] = None
+        return Reply(200, orjson.dumps(answer), list(JSON))
+
+    # -- completions --------------------------------------------------------------
+
+    async def completions(self, request: ProxyRequest, body: dict[str, Any]) -> Reply:
+        call = parse_call(body, self.model, default_max=16)
+        if body.get("echo") or body.get("suffix"):
+            raise BadRequest("'echo' and 'suffix' are not supported")
+        prompt = body.get("prompt")
+        namespace = self.cache.namespace(request)
+        if isinstance(prompt, str) and prompt:
+            pending = await self.cache.prepare_text(prompt, namespace)
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+        ):
+            pending = self.cache.prepare_ids(prompt, namespace)
+        else:
+            raise BadRequest("'prompt' must be a non-empty string or a list of token ids")
+        logprobs = body.get("logprobs")
+        call.logprobs = logprobs is not None and logprobs is not False
+        if call.stream:
+            return Reply(200, self._completion_stream(request, call, pending), list(SSE_HEADERS))
+        try:
+            results = await self.generate_n(request, call, pending)
+        finally:
+            self.cache.finish(pending)
+        choices = [
+            {
+                "index": i,
+                "text": r.text,
+                "logprobs": self._completion_logprobs(r) if call.logprobs else None,
+                "finish_reason": FINISH.get(r.finish, r.finish),
+                "meta_info": r.meta,
+            }
+            for i, r in enumerate(results)
+        ]
+        completion = sum(len(r.ids) for r in results)
+        answer = {
+            "id": completion_id("cmpl"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": call.model,
+            "choices": choices,
+            "usage": _usage(results[0].prompt_tokens, completion),
+        }
+        return Reply(200, orjson.dumps(answer), list(JSON))
+
+    def _completion_logprobs(self, result: Generated) -> dict[str, Any]:
+        tokenizer = self.cache.tokenizer
+        tokens = [tokenizer.token_bytes(t).decode("utf-8", "replace") for t in result.ids]
+        offsets, at = [], 0
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": result.logps,
+            "top_logprobs": None,
+            "text_offset": offsets,
+        }
+
+    async def _completion_stream(
+        self, request: ProxyRequest, call: Call, pending: Pending
+    ) -> AsyncIterator[bytes]:
+        ident = completion_id("cmpl")
+        created = int(time.time())
+        try:
+            result: Generated | None = None
+            async with aclosing(self.generate_stream(request, call, pending)) as items:
+                async for item in items:
+                    if not isinstance(item, str):
+                        result = item
+                    elif item:
+                        yield sse(
+                            {
+                                "id": ident,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": call.model,
+                                "choices": [
+                                    {
+                                        "index": 0,
+                                        "text": item,
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            }
+                        )
+            assert result is not None
+            yield sse(
+                {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": call.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": "",
+                            "logprobs": None,
+                            "finish_reason": FINISH.get(result.finish, result.finish),
+                        }
+                    ],
+                    **(
+                        {"usage": _usage(result.prompt_tokens, len(result.ids))}
+                        if call.include_usage
+                        else {}
+                    ),
+                }
+            )
+        except RouterError as exc:
+            yield sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
+        finally:
+            self.cache.finish(pending)
+        yield b"data: [DONE]\n\n"
+
+    # -- talking to workers ---------------------------------------------------------
+
+    def _upstream_request(
+        self, request: ProxyRequest, path: str, body: dict[str, Any], pending: Pending
+    ) -> ProxyRequest:
+        headers = [(b"content-type", b"application/json")]
+        for name, value in request.headers:
+            if name in (b"authorization", b"x-request-id", b"x-smg-routing-key", b"traceparent"):
+                headers.append((name, value))
+        return ProxyRequest(
+            method="POST",
+            path=path,
+            query=b"",
+            headers=headers,
+            body=orjson.dumps(body),
+            routing_key=request.routing_key,
+            request_id=request.request_id,
+            client=request.client,
+            hint=pending.hint,
+        )
+
+    def _generate_body(self, call: Call, pending: Pending, *, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            **call.extras,
+            "input_ids": pending.prompt.ids,
+            "sampling_params": dict(call.sampling),
+            "return_logprob": True,
+            "stream": stream,
+        }
+        if call.top_logprobs:
+            body["top_logprobs_num"] = call.top_logprobs
+        return body
+
+    async def generate_one(self, request: ProxyRequest, call: Call, pending: Pending) -> Generated:
+        """One non-streamed /generate with the prompt of ``pending``; recorded."""
+        from .proxy import fetch
+
+        body = self._generate_body(call, pending, stream=False)
+        fetched = await fetch(
+            self.router, self._upstream_request(request, "/generate", body, pending)
+        )
+        if fetched.status != 200:
+            raise _worker_error(fetched.status, fetched.body)
+        try:
+            answer = orjson.loads(fetched.body)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError(f"worker sent invalid JSON: {exc}") from None
+        result = _generated(answer, len(pending.prompt.ids), fetched.worker)
+        self.cache.insert_answer(replace(pending, chunks=[]), answer, fetched.worker)
+        return result
+
+    async def generate_n(
+        self, request: ProxyRequest, call: Call, pending: Pending
+    ) -> list[Generated]:
+        if call.n == 1:
+            return [await self.generate_one(request, call, pending)]
+        results: list[Generated | None] = [None] * call.n
+
+        async def sample(index: int) -> None:
+            sampling = dict(call.sampling)
+            if "sampling_seed" in sampling:
+                sampling["sampling_seed"] += index
+            results[index] = await self.generate_one(
+                request, replace(call, sampling=sampling), pending
+            )
+
+        async with trio.open_nursery() as nursery:
+            for index in range(call.n):
+                nursery.start_soon(sample, index)
+        return [r for r in results if r is not None]
+
+    async def generate_stream(
+        self, request: ProxyRequest, call: Call, pending: Pending
+    ) -> AsyncGenerator[str | Generated, None]:
+        """Text deltas as the worker streams them, then the recorded result."""
+        from .proxy import open_exchange
+
+        body = self._generate_body(call, pending, stream=True)
+        upstream = self._upstream_request(request, "/generate", body, pending)
+        sent = ""
+        last: bytes | None = None
+        async with open_exchange(self.router, upstream) as response:
+            if response.status != 200:
+                raw = b"".join([c async for c in response])
+                raise _worker_error(response.status, raw)
+            events = SSEEvents()
+            async for data in response:
+                for event in events.feed(data):
+                    if event == b"[DONE]":
+                        continue
+                    last = event
+                    try:
+                        text = orjson.loads(event).get("text", "")
+                    except (orjson.JSONDecodeError, AttributeError):
+                        raise UpstreamProtocolError("worker sent a malformed event") from None
+                    if isinstance(text, str) and text.startswith(sent) and len(text) > len(sent):
+                        delta, sent = text[len(sent) :], text
+                        yield delta
+            worker = response.url
+        if last is None:
+            raise UpstreamProtocolError("worker ended the stream without an answer")
+        answer = orjson.loads(last)
+        result = _generated(answer, len(pending.prompt.ids), worker)
+        if result.text.startswith(sent) and len(result.text) > len(sent):
+            yield result.text[len(sent) :]
+        self.cache.insert_answer(replace(pending, chunks=[]), answer, worker)
+        yield result
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _worker_error(status: int, raw: bytes) -> RouterError:
+    message = raw[:500].decode("utf-8", "replace")
+    try:
+        data = orjson.loads(raw)
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            message = str(data["error"].get("message", message))
+    except orjson.JSONDecodeError:
+        pass
+    if 400 <= status < 500:
+        error = BadRequest(f"worker refused the request: {message}")
+        error.status = status
+        return error
+    return UpstreamError(f"worker failed with {status}: {message}")
+
+
+def _generated(answer: Any, prompt_tokens: int, worker: str | None) -> Generated:
+    if not isinstance(answer, dict):
+        raise UpstreamProtocolError("worker answer is not a JSON object")
+    meta = answer.get("meta_info")
+    if not isinstance(meta, dict):
+        raise UpstreamProtocolError("worker answer has no meta_info")
+    pairs = meta.get("output_token_logprobs") or []
+    ids = [int(p[1]) for p in pairs]
+    logps = [float(p[0]) for p in pairs]
+    finish = meta.get("finish_reason")
+    kind = finish.get("type", "stop") if isinstance(finish, dict) else "stop"
+    return Generated(
+        text=str(answer.get("text", "")),
+        ids=ids,
+        logps=logps,
+        finish=str(kind),
+        prompt_tokens=prompt_tokens,
+        meta=meta,
+        worker=worker,
+    )
