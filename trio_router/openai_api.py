@@ -707,6 +707,6 @@ def _generated(answer: Any, prompt_tokens: int, worker: str | None) -> Generated
         logps=logps,
         finish=str(kind),
         prompt_tokens=prompt_tokens,
-        meta=meta,
+        meta={**meta, "output_ids": ids},
         worker=worker,
     )

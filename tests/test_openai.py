@@ -1,0 +1,281 @@
+"""The OpenAI API, driven by the official openai client, checked token-exact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import trio
+
+from .conftest import start_router, start_scripted, start_worker
+from .scripted import Script
+
+MESSAGES = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "What is 2+2?"},
+]
+
+
+async def openai_router(nursery, qwen3, **overrides: Any):  # type: ignore[no-untyped-def]
+    worker = await start_worker(nursery, tokenizer=qwen3)
+    running = await start_router(
+        nursery,
+        tokenizer=qwen3,
+        worker_urls=(worker.url,),
+        radix_tree_max_size=1_000_000,
+        **overrides,
+    )
+    return worker, running
+
+
+async def retrieve(url: str, text: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        r = await client.post(url + "/retrieve_from_text", json={"text": text})
+    assert r.status_code == 200
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def render(qwen3, messages):  # type: ignore[no-untyped-def]
+    return qwen3.apply_chat_template(messages, add_generation_prompt=True)
+
+
+async def test_sync_client_chat_is_token_exact(nursery, qwen3):
+    _worker, running = await openai_router(nursery, qwen3)
+
+    def call() -> Any:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        return client.chat.completions.create(
+            model="default", messages=MESSAGES, max_tokens=16, logprobs=True
+        )
+
+    with trio.fail_after(30):
+        completion = await trio.to_thread.run_sync(call)
+        choice = completion.choices[0]
+        got = await retrieve(running.url, render(qwen3, MESSAGES) + choice.message.content)
+    prompt_ids = qwen3.encode(render(qwen3, MESSAGES))
+    output_ids = choice.meta_info["output_ids"]  # type: ignore[attr-defined]
+    assert got["tokens"] == prompt_ids + output_ids
+    assert completion.usage.prompt_tokens == len(prompt_ids)
+    assert completion.usage.completion_tokens == len(output_ids)
+    assert choice.finish_reason in ("stop", "length")
+    logprobs = [entry.logprob for entry in choice.logprobs.content]
+    assert got["rollout_logp"][len(prompt_ids) :] == pytest.approx(logprobs, abs=1e-6)
+
+
+async def test_async_client_streams_chunks_that_add_up_to_the_recorded_answer(nursery, qwen3):
+    worker, running = await openai_router(nursery, qwen3)
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        stream = await client.chat.completions.create(
+            model="default",
+            messages=MESSAGES,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        plain = await client.chat.completions.create(
+            model="default", messages=MESSAGES, max_tokens=16
+        )
+        got = await retrieve(running.url, render(qwen3, MESSAGES) + text)
+        await client.close()
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length")
+    assert text == plain.choices[0].message.content  # deterministic worker: same content
+    assert got["tokens"][len(qwen3.encode(render(qwen3, MESSAGES))) :][
+        : chunks[-1].usage.completion_tokens
+    ]
+    assert got["cached_tokens"] == len(got["tokens"])
+    assert worker.app.stats.requests["/generate"] == 2
+
+
+async def test_a_second_turn_reuses_the_cached_first_turn(nursery, qwen3):
+    _worker, running = await openai_router(nursery, qwen3)
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        first = await client.chat.completions.create(model="default", messages=MESSAGES)
+        turn2 = [
+            *MESSAGES,
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And 3+3?"},
+        ]
+        second = await client.chat.completions.create(model="default", messages=turn2)
+        got = await retrieve(running.url, render(qwen3, turn2) + second.choices[0].message.content)
+        await client.close()
+    cache = running.router.token_cache
+    assert cache is not None
+    first_ids = first.choices[0].meta_info["output_ids"]  # type: ignore[attr-defined]
+    prompt1 = qwen3.encode(render(qwen3, MESSAGES))
+    assert got["tokens"][: len(prompt1) + len(first_ids)] == prompt1 + first_ids
+    assert cache.counters.cached_prompt_tokens >= len(prompt1) + len(first_ids)
+
+
+async def test_standard_parameters_map_to_sglang_and_extensions_pass_through(nursery, qwen3):
+    upstream, url = await start_scripted(nursery)
+    answer = {
+        "text": " four",
+        "output_ids": [3040],
+        "meta_info": {
+            "finish_reason": {"type": "stop", "matched": "."},
+            "output_token_logprobs": [[-0.5, 3040, None]],
+            "weight_version": "v3",
+        },
+    }
+    upstream.script = Script(chunks=[orjson.dumps(answer)])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        completion = await client.chat.completions.create(
+            model="default",
+            messages=MESSAGES,
+            max_completion_tokens=7,
+            temperature=0.5,
+            top_p=0.9,
+            stop=".",
+            seed=11,
+            presence_penalty=0.1,
+            frequency_penalty=0.2,
+            extra_body={"top_k": 5, "return_routed_experts": True, "lora_path": "a"},
+        )
+        await client.close()
+    sent = orjson.loads(upstream.seen[-1].body)
+    assert sent["input_ids"] == qwen3.encode(render(qwen3, MESSAGES))
+    assert sent["sampling_params"] == {
+        "max_new_tokens": 7,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "stop": ["."],
+        "sampling_seed": 11,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.2,
+        "top_k": 5,
+    }
+    assert sent["return_routed_experts"] is True
+    assert sent["lora_path"] == "a"
+    assert completion.choices[0].message.content == " four"
+    assert completion.choices[0].finish_reason == "stop"
+
+
+async def test_n_samples_fan_out_and_are_each_recorded(nursery, qwen3):
+    worker, running = await openai_router(nursery, qwen3)
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        completion = await client.chat.completions.create(
+            model="default", messages=MESSAGES, n=4, max_tokens=8, seed=1
+        )
+        results = [
+            await retrieve(running.url, render(qwen3, MESSAGES) + c.message.content)
+            for c in completion.choices
+        ]
+        await client.close()
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    assert worker.app.stats.requests["/generate"] == 4
+    for choice, got in zip(completion.choices, results, strict=True):
+        ids = choice.meta_info["output_ids"]  # type: ignore[attr-defined]
+        assert got["tokens"][-len(ids) :] == ids
+
+
+async def test_tool_calls_come_from_the_worker_chat_endpoint(nursery, qwen3):
+    worker, running = await openai_router(nursery, qwen3)
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ]
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with trio.fail_after(30):
+        completion = await client.chat.completions.create(
+            model="default", messages=messages, tools=tools
+        )
+        await client.close()
+    call = completion.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert worker.app.stats.requests["/v1/chat/completions"] == 1
+    assert running.router.token_cache.counters.recorded == 1  # type: ignore[union-attr]
+
+
+async def test_completions_with_text_or_ids_and_streaming(nursery, qwen3):
+    _worker, running = await openai_router(nursery, qwen3)
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    ids = qwen3.encode("Once upon a time")
+    with trio.fail_after(30):
+        by_text = await client.completions.create(
+            model="default", prompt="Once upon a time", max_tokens=6
+        )
+        by_ids = await client.completions.create(model="default", prompt=ids, max_tokens=6)
+        stream = await client.completions.create(
+            model="default", prompt="Once upon a time", max_tokens=6, stream=True
+        )
+        streamed = "".join([c.choices[0].text async for c in stream])
+        models = await client.models.list()
+        await client.close()
+    assert by_text.choices[0].text == by_ids.choices[0].text == streamed
+    assert by_text.usage.prompt_tokens == len(ids)
+    assert [m.id for m in models.data] == ["default"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "'messages' must be a non-empty list"),
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        ({"messages": "hi"}, "'messages' must be a non-empty list"),
+        ({"messages": [{"content": "hi"}]}, "messages[0] has no 'role'"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "is not one of"),
+        ({"messages": [{"role": "user", "content": 5}]}, "must be a string, a list or null"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "'temperature'"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "'max_tokens'"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, "'n'"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "'stop'"),
+    ],
+)
+async def test_bad_chat_requests_get_openai_style_400s(nursery, qwen3, body, message):
+    worker, running = await openai_router(nursery, qwen3)
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(10):
+            r = await client.post(running.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert message in error["message"]
+    assert worker.app.stats.requests.get("/generate", 0) == 0
+
+
+async def test_malformed_json_is_400(nursery, qwen3):
+    _worker, running = await openai_router(nursery, qwen3)
+    async with httpx.AsyncClient() as client:
+        r = await client.post(running.url + "/v1/chat/completions", content=b"{nope")
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["error"]["message"]
+
+
+async def test_worker_failures_map_to_5xx_with_clear_messages(nursery, qwen3):
+    worker, running = await openai_router(nursery, qwen3)
+    worker.app.faults.fail_status = 500
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="default", messages=MESSAGES)
+        await client.close()
+    assert caught.value.status_code == 502
+    assert "worker failed with 500" in str(caught.value)
+
+
+async def test_no_worker_is_503(nursery, qwen3):
+    running = await start_router(nursery, tokenizer=qwen3, radix_tree_max_size=1000)
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="default", messages=MESSAGES)
+        await client.close()
+    assert caught.value.status_code == 503
