@@ -92,6 +92,17 @@ class RouterConfig:
     cache_threshold: float = option(
         0.5, "cache_aware: share of the prompt that must be cached to follow its worker"
     )
+    session_ttl: float = option(3600.0, "seconds an idle agent session is kept")
+    max_sessions: int = option(10_000, "agent sessions open at once (429 beyond)")
+    session_max_tokens: int = option(
+        50_000_000, "tokens all sessions together may hold (429 beyond)"
+    )
+    session_auth: bool = option(
+        False, "sessions answer only requests carrying the X-Session-Token they were given"
+    )
+    strip_routed_experts: bool = option(
+        False, "keep R3 routed_experts with session samples but leave them out of replies"
+    )
     abort_retries: int = option(
         0, "continue a /generate that SGLang aborted, up to this many times (0 = return it)"
     )
@@ -140,6 +151,8 @@ class RouterConfig:
             found.append("cache_gc_interval must be > 0")
         if self.policy == "cache_aware" and self.radix_tree_max_size == 0:
             found.append("policy cache_aware needs the token cache (--radix-tree-max-size)")
+        if self.session_ttl <= 0 or self.max_sessions < 1 or self.session_max_tokens < 1:
+            found.append("session_ttl, max_sessions and session_max_tokens must be positive")
         if not 0 <= self.cache_threshold <= 1:
             found.append("cache_threshold must be within 0..1")
         if self.abort_retries < 0 or self.abort_retry_backoff < 0:

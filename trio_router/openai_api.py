@@ -411,7 +411,7 @@ class OpenAIFrontend(Middleware):
 
         forward = {**body, "input_ids": pending.prompt.ids, "stream": False}
         forward.setdefault("logprobs", True)
-        upstream = self._upstream_request(request, "/v1/chat/completions", forward, pending)
+        upstream = self.upstream_request(request, "/v1/chat/completions", forward, pending)
         try:
             fetched = await fetch(self.router, upstream)
             if fetched.status != 200:
@@ -560,14 +560,14 @@ class OpenAIFrontend(Middleware):
 
     # -- talking to workers ---------------------------------------------------------
 
-    def _upstream_request(
+    def upstream_request(
         self, request: ProxyRequest, path: str, body: dict[str, Any], pending: Pending
     ) -> ProxyRequest:
         headers = [(b"content-type", b"application/json")]
         for name, value in request.headers:
             if name in (b"authorization", b"x-request-id", b"x-smg-routing-key", b"traceparent"):
                 headers.append((name, value))
-        return ProxyRequest(
+        upstream = ProxyRequest(
             method="POST",
             path=path,
             query=b"",
@@ -578,6 +578,9 @@ class OpenAIFrontend(Middleware):
             client=request.client,
             hint=pending.hint,
         )
+        if "policy" in request.state:
+            upstream.state["policy"] = request.state["policy"]
+        return upstream
 
     def _generate_body(self, call: Call, pending: Pending, *, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -591,13 +594,15 @@ class OpenAIFrontend(Middleware):
             body["top_logprobs_num"] = call.top_logprobs
         return body
 
-    async def generate_one(self, request: ProxyRequest, call: Call, pending: Pending) -> Generated:
-        """One non-streamed /generate with the prompt of ``pending``; recorded."""
+    async def generate_one(
+        self, request: ProxyRequest, call: Call, pending: Pending, *, record: bool = True
+    ) -> Generated:
+        """One non-streamed /generate with the prompt of ``pending`` (recorded in the cache)."""
         from .proxy import fetch
 
         body = self._generate_body(call, pending, stream=False)
         fetched = await fetch(
-            self.router, self._upstream_request(request, "/generate", body, pending)
+            self.router, self.upstream_request(request, "/generate", body, pending)
         )
         if fetched.status != 200:
             raise _worker_error(fetched.status, fetched.body)
@@ -606,7 +611,8 @@ class OpenAIFrontend(Middleware):
         except orjson.JSONDecodeError as exc:
             raise UpstreamProtocolError(f"worker sent invalid JSON: {exc}") from None
         result = _generated(answer, len(pending.prompt.ids), fetched.worker)
-        self.cache.insert_answer(replace(pending, chunks=[]), answer, fetched.worker)
+        if record:
+            self.cache.insert_answer(replace(pending, chunks=[]), answer, fetched.worker)
         return result
 
     async def generate_n(
@@ -630,13 +636,13 @@ class OpenAIFrontend(Middleware):
         return [r for r in results if r is not None]
 
     async def generate_stream(
-        self, request: ProxyRequest, call: Call, pending: Pending
+        self, request: ProxyRequest, call: Call, pending: Pending, *, record: bool = True
     ) -> AsyncGenerator[str | Generated, None]:
         """Text deltas as the worker streams them, then the recorded result."""
         from .proxy import open_exchange
 
         body = self._generate_body(call, pending, stream=True)
-        upstream = self._upstream_request(request, "/generate", body, pending)
+        upstream = self.upstream_request(request, "/generate", body, pending)
         sent = ""
         last: bytes | None = None
         async with open_exchange(self.router, upstream) as response:
@@ -663,7 +669,8 @@ class OpenAIFrontend(Middleware):
         result = _generated(answer, len(pending.prompt.ids), worker)
         if result.text.startswith(sent) and len(result.text) > len(sent):
             yield result.text[len(sent) :]
-        self.cache.insert_answer(replace(pending, chunks=[]), answer, worker)
+        if record:
+            self.cache.insert_answer(replace(pending, chunks=[]), answer, worker)
         yield result
 
 

@@ -29,6 +29,7 @@ from .errors import (
     error_body,
 )
 from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
+from .policies import Policy
 from .router import Router
 from .upstream import UpstreamResponse
 
@@ -324,11 +325,12 @@ async def open_exchange(
     tried: set[str] = set()
     headers = forward_headers(request.headers, DROP_REQUEST)
     method = request.method.encode()
+    policy: Policy = request.state.get("policy") or router.policy
     while True:
-        decision = router.policy.choose(
+        decision = policy.choose(
             router.pool, request.routing_key, trio.current_time(), frozenset(tried), request.hint
         )
-        router.metrics.decisions.labels(router.policy.name, decision.branch).inc()
+        router.metrics.decisions.labels(policy.name, decision.branch).inc()
         if router.chain.active:
             router.chain.on_route(request, decision)
         worker = decision.worker

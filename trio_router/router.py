@@ -24,6 +24,8 @@ from .metrics import CacheCollector, Metrics
 from .openai_api import OpenAIFrontend
 from .policies import Policy, make_policy
 from .pool import HealthRules, Transition, Worker, WorkerPool, normalize_worker_url
+from .session_api import SessionFrontend
+from .sessions import SessionTable
 from .supervise import ServiceBoard, supervise
 from .token_cache import CacheSettings, TokenCache
 from .tokenizer import Tokenizer, load_tokenizer
@@ -76,6 +78,7 @@ class Router:
             )
         )
         self.token_cache: TokenCache | None = None
+        self.sessions: SessionFrontend | None = None
         builtin: list[Middleware] = []
         if config.radix_tree_max_size > 0:
             if tokenizer is None:
@@ -95,7 +98,20 @@ class Router:
                 router=self,
             )
             builtin.append(self.token_cache)
-            builtin.append(OpenAIFrontend(self, self.token_cache, config.served_model_name))
+            frontend = OpenAIFrontend(self, self.token_cache, config.served_model_name)
+            builtin.append(frontend)
+            self.sessions = SessionFrontend(
+                self,
+                frontend,
+                SessionTable(
+                    max_sessions=config.max_sessions,
+                    ttl=config.session_ttl,
+                    max_tokens=config.session_max_tokens,
+                ),
+                require_token=config.session_auth,
+                strip_routed_experts=config.strip_routed_experts,
+            )
+            builtin.append(self.sessions)
         self.chain = MiddlewareChain([*builtin, *load_middleware(config.middleware_paths, self)])
         if self.token_cache is not None:
             self.metrics.registry.register(CacheCollector(self.token_cache.report))
@@ -162,6 +178,7 @@ class Router:
                 "workers": [w.snapshot() for w in self.pool],
             },
             "cache": self.token_cache.report() if self.token_cache else {"enabled": False},
+            "sessions": self.sessions.report() if self.sessions else {"enabled": False},
         }
 
 
@@ -196,6 +213,10 @@ async def open_router(
                 if router.token_cache is not None:
                     await nursery.start(
                         supervise, "cache_gc", router.token_cache.gc_loop, router.services
+                    )
+                if router.sessions is not None:
+                    await nursery.start(
+                        supervise, "session_gc", router.sessions.expiry_loop, router.services
                     )
                 try:
                     yield router
