@@ -164,9 +164,12 @@ class SessionFrontend(Middleware):
         tokenizer = self.frontend.cache.tokenizer
 
         def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
-            return tokenizer.apply_chat_template(
-                msgs, tools=tools, add_generation_prompt=generation_prompt, **kwargs
-            )
+            try:
+                return tokenizer.apply_chat_template(
+                    msgs, tools=tools, add_generation_prompt=generation_prompt, **kwargs
+                )
+            except Exception as exc:
+                raise BadRequest(f"cannot render the chat template: {exc}") from None
 
         lock = self._locks.setdefault(session.id, trio.Lock())
         async with lock:

@@ -1,0 +1,358 @@
+"""Agent sessions over real sockets: exact token-in/token-out across turns."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import trio
+from safetensors.numpy import load as load_safetensors
+
+from trio_router.errors import BadRequest, NotFound, Overloaded, Unauthorized
+from trio_router.sessions import SessionTable, delta_text
+
+from .conftest import start_router, start_scripted, start_worker
+from .scripted import Script
+from .test_proxy import wait_until
+
+SYSTEM = {"role": "system", "content": "You are helpful."}
+EOS = 151645
+
+
+async def session_router(nursery, qwen3, workers: int = 1, **overrides: Any):  # type: ignore[no-untyped-def]
+    handles = [await start_worker(nursery, tokenizer=qwen3, seed=i) for i in range(workers)]
+    running = await start_router(
+        nursery,
+        tokenizer=qwen3,
+        worker_urls=tuple(w.url for w in handles),
+        radix_tree_max_size=1_000_000,
+        **overrides,
+    )
+    return handles, running
+
+
+async def open_session(client: httpx.AsyncClient, url: str, **kw: Any) -> str:
+    r = await client.post(url + "/sessions", **kw)
+    assert r.status_code == 200
+    session_id: str = r.json()["session_id"]
+    return session_id
+
+
+async def turn(
+    client: httpx.AsyncClient, url: str, sid: str, messages: list[Any], **extra: Any
+) -> dict[str, Any]:
+    r = await client.post(
+        f"{url}/sessions/{sid}/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 12, **extra},
+    )
+    assert r.status_code == 200, r.text
+    answer: dict[str, Any] = r.json()
+    return answer
+
+
+async def state(client: httpx.AsyncClient, url: str, sid: str) -> dict[str, Any]:
+    r = await client.get(f"{url}/sessions/{sid}")
+    assert r.status_code == 200
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def scripted(qwen3, ids: list[int], **meta: Any) -> bytes:  # type: ignore[no-untyped-def]
+    return orjson.dumps(
+        {
+            "text": qwen3.decode(ids),
+            "output_ids": ids,
+            "meta_info": {
+                "finish_reason": {"type": "stop" if ids[-1] == EOS else "length"},
+                "weight_version": "v5",
+                "output_token_logprobs": [[-0.5, t, None] for t in ids],
+                **meta,
+            },
+        }
+    )
+
+
+async def test_create_read_delete_and_unknown_ids(nursery, client, qwen3):
+    _workers, running = await session_router(nursery, qwen3)
+    url = running.url
+    with trio.fail_after(20):
+        sid = await open_session(client, url)
+        fresh = await state(client, url, sid)
+        deleted = await client.delete(f"{url}/sessions/{sid}")
+        gone = await client.get(f"{url}/sessions/{sid}")
+        unknown = await client.post(f"{url}/sessions/nope/v1/chat/completions", json={})
+    assert len(sid) == 32
+    assert fresh["metadata"]["accumulated_token_ids"] == []
+    assert deleted.status_code == 204
+    assert deleted.content == b""
+    assert gone.status_code == 404
+    assert "session not found" in gone.json()["error"]["message"]
+    assert unknown.status_code == 404
+
+
+async def test_later_turns_append_only_the_rendered_delta(nursery, client, qwen3):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    # turn 1 answers with a thinking block the Qwen3 template drops from past turns
+    first = [*qwen3.encode("<think>\nadd them\n</think>\n\nfour"), EOS]
+    second = [*qwen3.encode(" six"), EOS]
+    messages = [SYSTEM, {"role": "user", "content": "2+2?"}]
+    with trio.fail_after(20):
+        sid = await open_session(client, running.url)
+        upstream.script = Script(chunks=[scripted(qwen3, first)])
+        one = await turn(client, running.url, sid, messages)
+        sent1 = orjson.loads(upstream.seen[-1].body)["input_ids"]
+        messages += [one["choices"][0]["message"], {"role": "user", "content": "3+3?"}]
+        upstream.script = Script(chunks=[scripted(qwen3, second)])
+        await turn(client, running.url, sid, messages)
+        sent2 = orjson.loads(upstream.seen[-1].body)["input_ids"]
+        info = await state(client, running.url, sid)
+    assert sent1 == qwen3.encode(
+        qwen3.apply_chat_template(messages[:2], add_generation_prompt=True)
+    )
+    delta = "\n<|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n"
+    assert sent2 == sent1 + first + qwen3.encode(delta)
+    # a re-render would have dropped the past <think> block: the session did not
+    rerendered = qwen3.encode(qwen3.apply_chat_template(messages, add_generation_prompt=True))
+    assert rerendered != sent2
+    ids = info["metadata"]["accumulated_token_ids"]
+    assert ids == sent2 + second
+    mask = info["metadata"]["loss_mask"]
+    assert mask == [0] * len(sent1) + [1] * len(first) + [0] * len(qwen3.encode(delta)) + [1] * len(
+        second
+    )
+
+
+async def test_three_turns_through_the_official_client_stay_on_one_worker(nursery, qwen3):
+    workers, running = await session_router(nursery, qwen3, workers=2)
+    async with httpx.AsyncClient() as raw:
+        sid = await open_session(raw, running.url)
+    client = openai.AsyncOpenAI(
+        base_url=f"{running.url}/sessions/{sid}/v1", api_key="unused", max_retries=0
+    )
+    messages: list[Any] = [SYSTEM, {"role": "user", "content": "Plan a trip."}]
+    with trio.fail_after(30):
+        for step in range(3):
+            completion = await client.chat.completions.create(
+                model="default", messages=messages, max_tokens=8
+            )
+            messages += [
+                {"role": "assistant", "content": completion.choices[0].message.content},
+                {"role": "user", "content": f"Step {step + 2}?"},
+            ]
+        await client.close()
+        async with httpx.AsyncClient() as raw:
+            info = await state(raw, running.url, sid)
+    served = [w.app.stats.requests.get("/generate", 0) for w in workers]
+    assert sorted(served) == [0, 3]
+    assert len(info["records"]) == 3
+    prompts = [r["prompt_tokens"] for r in info["records"]]
+    completions = [r["completion_tokens"] for r in info["records"]]
+    assert prompts[1] > prompts[0] + completions[0]
+    assert len(info["metadata"]["accumulated_token_ids"]) == prompts[2] + completions[2]
+
+
+async def test_every_upstream_call_carries_the_session_routing_key(nursery, client, qwen3):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    upstream.script = Script(chunks=[scripted(qwen3, [*qwen3.encode(" ok"), EOS])])
+    with trio.fail_after(20):
+        sid = await open_session(client, running.url)
+        await turn(client, running.url, sid, [SYSTEM, {"role": "user", "content": "hi"}])
+    headers = dict(upstream.seen[-1].headers)
+    assert headers[b"x-smg-routing-key"] == sid.encode()
+
+
+async def test_a_retried_turn_rolls_back_one_step_and_deeper_divergence_is_refused(
+    nursery, client, qwen3
+):
+    _workers, running = await session_router(nursery, qwen3)
+    url = running.url
+    messages = [SYSTEM, {"role": "user", "content": "Pick a city."}]
+    with trio.fail_after(30):
+        sid = await open_session(client, url)
+        one = await turn(client, url, sid, messages)
+        history = [*messages, one["choices"][0]["message"]]
+        await turn(client, url, sid, [*history, {"role": "user", "content": "Why?"}])
+        before = await state(client, url, sid)
+        retried = await turn(client, url, sid, [*history, {"role": "user", "content": "Why not?"}])
+        after = await state(client, url, sid)
+        deep = await client.post(
+            f"{url}/sessions/{sid}/v1/chat/completions",
+            json={"messages": [SYSTEM, {"role": "user", "content": "Something else."}]},
+        )
+        with_assistant = await client.post(
+            f"{url}/sessions/{sid}/v1/chat/completions",
+            json={
+                "messages": [
+                    *history,
+                    {"role": "user", "content": "Why not?"},
+                    retried["choices"][0]["message"],
+                    {"role": "assistant", "content": "made up"},
+                ]
+            },
+        )
+    assert len(after["records"]) == len(before["records"]) == 2
+    turn1_end = before["records"][1]["prompt_tokens"] - len(
+        qwen3.encode("\n<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n")
+    )
+    assert (
+        after["metadata"]["accumulated_token_ids"][:turn1_end]
+        == (before["metadata"]["accumulated_token_ids"][:turn1_end])
+    )
+    assert after["messages"][-2] == {"role": "user", "content": "Why not?"}
+    assert deep.status_code == 400
+    assert "diverge from the session at message 1" in deep.json()["error"]["message"]
+    assert with_assistant.status_code == 400
+    assert "assistant turns" in with_assistant.json()["error"]["message"]
+
+
+async def test_a_stale_concurrent_commit_is_not_recorded_twice(nursery, client, qwen3):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    gate = trio.Event()
+    upstream.script = Script(chunks=[gate, scripted(qwen3, [*qwen3.encode(" same"), EOS])])
+    messages = [SYSTEM, {"role": "user", "content": "hi"}]
+    answers: list[dict[str, Any]] = []
+
+    async def send() -> None:
+        answers.append(await turn(client, running.url, sid, messages))
+
+    with trio.fail_after(20):
+        sid = await open_session(client, running.url)
+        async with trio.open_nursery() as both:
+            both.start_soon(send)
+            both.start_soon(send)
+            await wait_until(lambda: upstream.active == 2)
+            gate.set()
+        info = await state(client, running.url, sid)
+    assert len(answers) == 2
+    assert len(info["records"]) == 1
+    assert running.router.sessions.stale_commits == 1  # type: ignore[union-attr]
+
+
+async def test_streaming_and_plain_turns_give_the_same_content_and_records(nursery, client, qwen3):
+    _workers, running = await session_router(nursery, qwen3)
+    url = running.url
+    messages = [SYSTEM, {"role": "user", "content": "Tell me a story."}]
+    with trio.fail_after(30):
+        plain_sid = await open_session(client, url)
+        plain = await turn(client, url, plain_sid, messages)
+        stream_sid = await open_session(client, url)
+        text = ""
+        async with client.stream(
+            "POST",
+            f"{url}/sessions/{stream_sid}/v1/chat/completions",
+            json={"messages": messages, "max_tokens": 12, "stream": True},
+        ) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = orjson.loads(line[6:])
+                    for choice in event.get("choices", []):
+                        text += choice["delta"].get("content") or ""
+        a = await state(client, url, plain_sid)
+        b = await state(client, url, stream_sid)
+    assert text == plain["choices"][0]["message"]["content"]
+    assert a["metadata"] == b["metadata"]
+
+
+async def test_samples_export_json_and_safetensors_with_truncation_and_r3(nursery, client, qwen3):
+    _workers, running = await session_router(nursery, qwen3, strip_routed_experts=True)
+    url = running.url
+    messages: list[Any] = [SYSTEM, {"role": "user", "content": "Go."}]
+    with trio.fail_after(30):
+        sid = await open_session(client, url)
+        for step in range(2):
+            answer = await turn(client, url, sid, messages, return_routed_experts=True)
+            assert (
+                "routed_experts" not in answer["choices"][0]["meta_info"]
+            )  # stripped from replies
+            messages += [
+                answer["choices"][0]["message"],
+                {"role": "user", "content": f"And {step}?"},
+            ]
+        info = await state(client, url, sid)
+        full = (await client.post(f"{url}/sessions/{sid}/samples")).json()
+        first_end = info["records"][0]["prompt_tokens"] + info["records"][0]["completion_tokens"]
+        cut = (
+            await client.post(f"{url}/sessions/{sid}/samples", json={"max_seq_len": first_end + 1})
+        ).json()
+        binary = await client.post(f"{url}/sessions/{sid}/samples", json={"format": "safetensors"})
+        too_short = await client.post(f"{url}/sessions/{sid}/samples", json={"max_seq_len": 3})
+    ids = info["metadata"]["accumulated_token_ids"]
+    assert full["tokens"] == ids
+    assert full["loss_mask"] == info["metadata"]["loss_mask"]
+    assert set(full["weight_versions"]) == {None, "v0"}
+    assert full["status"] in ("completed", "truncated")
+    assert full["routed_experts_rows"] == len(ids)
+    assert len(base64.b64decode(full["routed_experts"])) == len(ids) * 4 * 2 * 4
+    assert cut["tokens"] == ids[:first_end]
+    assert cut["status"] == "truncated"
+    assert cut["routed_experts_rows"] == first_end
+    tensors = load_safetensors(binary.content)
+    assert tensors["tokens"].tolist() == ids
+    assert tensors["loss_mask"].tolist() == full["loss_mask"]
+    assert tensors["routed_experts"].shape == (len(ids), 8)
+    assert too_short.status_code == 400
+
+
+async def test_session_tokens_are_required_when_configured(nursery, client, qwen3):
+    _workers, running = await session_router(nursery, qwen3, session_auth=True)
+    url = running.url
+    messages = [SYSTEM, {"role": "user", "content": "hi"}]
+    with trio.fail_after(20):
+        created = (await client.post(url + "/sessions")).json()
+        sid, token = created["session_id"], created["session_token"]
+        missing = await client.get(f"{url}/sessions/{sid}")
+        wrong = await client.get(f"{url}/sessions/{sid}", headers={"X-Session-Token": "nope"})
+        right = await client.post(
+            f"{url}/sessions/{sid}/v1/chat/completions",
+            json={"messages": messages},
+            headers={"X-Session-Token": token},
+        )
+    assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
+
+
+def test_the_table_expires_idle_sessions_and_caps_count_and_tokens():
+    table = SessionTable(max_sessions=2, ttl=60.0, max_tokens=100)
+    a = table.create(0.0)
+    table.create(10.0)
+    with pytest.raises(Overloaded):
+        table.create(20.0)
+    assert table.get(a.id, 50.0, None) is a
+    assert table.expire(75.0) != []  # the second one, idle since 10
+    table.create(80.0)
+    a.ids.extend(range(90))
+    with pytest.raises(Overloaded):
+        table.check_budget(20)
+    with pytest.raises(NotFound):
+        table.get(a.id, 200.0, None)
+    locked = table.create(300.0, with_token=True)
+    with pytest.raises(Unauthorized):
+        table.get(locked.id, 301.0, "guess")
+    with pytest.raises(NotFound):
+        table.get(locked.id, 301.0, locked.token, namespace="other-tenant")
+
+
+def test_delta_rendering_follows_the_engine_end_token(qwen3):
+    def render(messages: list[Any], generation_prompt: bool) -> str:
+        return qwen3.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+
+    prior = [SYSTEM, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    new = [{"role": "user", "content": "c"}]
+    ended = delta_text(prior, new, render, "<|im_end|>", ended_with_eos=True)
+    cut = delta_text(prior, new, render, "<|im_end|>", ended_with_eos=False)
+    assert ended == "\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
+    assert cut == "<|im_end|>" + ended
+    with pytest.raises(BadRequest):
+        delta_text(prior, new, render, "<|never|>", ended_with_eos=True)
