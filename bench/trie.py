@@ -372,16 +372,16 @@ def breakdown(trie: RadixTrie) -> Breakdown:
     while stack:
         node = stack.pop()
         out.add("nodes", node, 0)
-        out.add("keys", node.key, len(node.key))
+        if node.opaque_key is not None:
+            out.add("keys", node.opaque_key, len(node.opaque_key))
         out.add("ids", node.ids, node.ids.itemsize * len(node.ids))
         if node.logps is not None:
             out.add("logps", node.logps, node.logps.itemsize * len(node.logps))
         if node.codes is not None:
             out.add("codes", node.codes, node.codes.itemsize * len(node.codes))
-        out.add("children", node.children, 0)
-        for candidates in node.children.values():
-            out.add("children", candidates, 0)
-            stack.extend(candidates)
+        if node.children is not None:
+            out.add("children", node.children, 0)
+            stack.extend(node.children)
         floats[id(node.last_access)] = node.last_access
     for value in floats.values():
         out.add("floats", value, 0)
@@ -434,7 +434,7 @@ def measure_size(
     # 1. timing builds (no tracemalloc; repeated while the inserts took under --min-time),
     #    then the lookups on the last one
     while True:
-        trie = RadixTrie(workload.tok.token_bytes, max_tokens=budget)
+        trie = RadixTrie(workload.tok.bytes_table().__getitem__, max_tokens=budget)
         inserts, input_tokens, spent, sample = build(
             workload,
             trie,
@@ -465,7 +465,7 @@ def measure_size(
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        trie = RadixTrie(workload.tok.token_bytes, max_tokens=budget)
+        trie = RadixTrie(workload.tok.bytes_table().__getitem__, max_tokens=budget)
         build(workload, trie, target_tokens=target, max_inserts=inserts)
         gc.collect()
         result.traced_bytes = tracemalloc.get_traced_memory()[0] - before

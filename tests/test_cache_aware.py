@@ -83,7 +83,11 @@ async def test_grpo_groups_and_later_turns_stay_on_the_worker_holding_their_pref
 
 async def test_the_gc_loop_keeps_the_newest_k_versions(autojump_clock):
     table = [bytes([i]) for i in range(256)]
-    tokenizer: Any = type("Toy", (), {"token_bytes": staticmethod(table.__getitem__)})()
+    tokenizer: Any = type(
+        "Toy",
+        (),
+        {"token_bytes": staticmethod(table.__getitem__), "bytes_table": lambda self: table},
+    )()
     cache = TokenCache(
         tokenizer, CacheSettings(max_tokens=10_000, gc_threshold_k=2, gc_interval=30)
     )

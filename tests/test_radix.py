@@ -71,8 +71,8 @@ def test_hello_world_then_hello_there_splits_the_shared_edge():
     assert trie.node_count == 3  # "Hello" with children " world" and " there"
     root = trie.roots[""]
     (shared,) = list(root.iter_children())
-    assert shared.key == b"Hello"
-    assert sorted(c.key for c in shared.iter_children()) == [b" there", b" world"]
+    assert trie.key(shared) == b"Hello"
+    assert sorted(trie.key(c) for c in shared.iter_children()) == [b" there", b" world"]
     assert lookup(trie, b"Hello world") == [256, 257]
     assert lookup(trie, b"Hello there") == [256, 258]
     assert lookup(trie, b"Hello") == [256]
@@ -315,7 +315,8 @@ def test_token_accounting_and_budget_hold_under_inserts_pins_and_evictions(ops):
         assert counted == trie.tokens
         assert trie.node_count == sum(1 for _ in trie._all_nodes())
         for node in trie._all_nodes():
-            assert node.opaque or node.key == key_of(list(node.ids))
+            assert node.opaque or trie.key(node) == key_of(list(node.ids))
+            assert node.first == trie.key(node)[0]
             assert node.parent is not None
         pinned_tokens = sum(len(n.ids) for n in trie._all_nodes() if n.pins)
         if pinned_tokens == 0:
@@ -323,3 +324,14 @@ def test_token_accounting_and_budget_hold_under_inserts_pins_and_evictions(ops):
     for node in pins:
         trie.unpin(node)
     assert all(n.pins == 0 for n in trie._all_nodes())
+
+
+def test_the_same_text_ended_by_eos_and_by_length_resolves_to_the_most_recent():
+    trie = make_trie()
+    ids = ids_of(b"Q:A")
+    insert(trie, [*ids, EOS], generated_from=2, hidden_from=3, now=1.0)  # stopped on EOS
+    assert lookup(trie, b"Q:A") == [*ids, EOS]
+    insert(trie, ids, generated_from=2, now=2.0)  # the same answer, cut by max_new_tokens
+    assert lookup(trie, b"Q:A") == ids
+    insert(trie, [*ids, EOS], generated_from=2, hidden_from=3, now=3.0)
+    assert lookup(trie, b"Q:A") == [*ids, EOS]

@@ -35,62 +35,96 @@ def _char_boundary(key: bytes, offset: int) -> bool:
 
 
 class Node:
-    """A run of tokens; ``key`` is the bytes they decode to."""
+    """A run of tokens, with the logprob and code of each.
+
+    Memory matters (it holds every cached token), so a node keeps only the
+    ids, and per-token logprobs and codes from its first generated token on
+    (``gen_from``): the tokens before it are prompt tokens (code 0, logprob 0).
+    The bytes a node spells are derived from its ids on demand (``RadixTrie.key``);
+    only an opaque node, whose text is not its tokens' bytes, stores them.
+    """
 
     __slots__ = (
         "children",
         "codes",
+        "first",
+        "gen_from",
         "hidden",
         "ids",
-        "key",
         "last_access",
         "logps",
-        "opaque",
+        "opaque_key",
         "parent",
         "pins",
+        "plain_end",
         "worker",
     )
 
-    def __init__(
-        self,
-        key: bytes,
-        ids: array[int],
-        logps: array[float] | None,
-        codes: array[int] | None,
-        parent: Node | None,
-        now: float,
-    ) -> None:
-        self.key = key
+    def __init__(self, first: int, ids: array[int], parent: Node | None, now: float) -> None:
+        self.first = first  # first byte of the node's text: children are indexed by it
         self.ids = ids
-        self.logps = logps  # None: every token is a prompt token with logprob 0
-        self.codes = codes
+        self.gen_from = len(ids)
+        self.logps: array[float] | None = None
+        self.codes: array[int] | None = None
         self.parent = parent
-        self.children: dict[int, list[Node]] = {}  # by first byte of the child's key
+        self.children: list[Node] | None = None
         self.last_access = now
         self.pins = 0
         self.hidden = False
-        self.opaque = False  # key is how the client saw the tokens, not their bytes: never split
+        #: how the client saw these tokens when that is not their bytes; never split
+        self.opaque_key: bytes | None = None
+        #: when a trajectory last ended right here with no hidden tail (cut by length)
+        self.plain_end: float | None = None
         self.worker: str | None = None
 
+    @property
+    def opaque(self) -> bool:
+        return self.opaque_key is not None
+
+    def set_payload(self, logps: Sequence[float], codes: Sequence[int]) -> None:
+        """Store per-token logprobs and codes (aligned with ``ids``)."""
+        start = next((i for i, code in enumerate(codes) if code), len(codes))
+        self.gen_from = start
+        if start == len(codes):
+            self.logps = self.codes = None
+        else:
+            self.logps = array("f", logps[start:])
+            self.codes = array("B", codes[start:])
+
+    def payload(self, count: int) -> tuple[list[float], list[int]]:
+        """Logprobs and codes of the first ``count`` tokens."""
+        prompt = min(count, self.gen_from)
+        logps = [0.0] * prompt
+        codes = [PROMPT] * prompt
+        if count > prompt and self.logps is not None and self.codes is not None:
+            logps.extend(self.logps[: count - prompt].tolist())
+            codes.extend(self.codes[: count - prompt].tolist())
+        return logps, codes
+
     def child_starting_with(self, token: int) -> Node | None:
-        for candidates in self.children.values():
-            for child in candidates:
-                if child.ids[0] == token:
-                    return child
+        for child in self.children or ():
+            if child.ids[0] == token:
+                return child
         return None
 
     def add_child(self, child: Node) -> None:
-        self.children.setdefault(child.key[0], []).append(child)
+        if self.children is None:
+            self.children = [child]
+        else:
+            self.children.append(child)
 
     def remove_child(self, child: Node) -> None:
-        candidates = self.children[child.key[0]]
-        candidates.remove(child)
-        if not candidates:
-            del self.children[child.key[0]]
+        assert self.children is not None
+        self.children.remove(child)
+        if not self.children:
+            self.children = None
 
     def iter_children(self) -> Iterator[Node]:
-        for candidates in self.children.values():
-            yield from candidates
+        return iter(self.children or ())
+
+    def children_at(self, first: int) -> list[Node]:
+        """Children whose text starts with byte ``first``."""
+        return [c for c in self.children or () if c.first == first]
 
     @property
     def is_leaf(self) -> bool:
@@ -170,6 +204,12 @@ class RadixTrie:
         self._slot_of: dict[str, int] = {}
         self._order: list[str] = []  # versions by first appearance
 
+    def key(self, node: Node) -> bytes:
+        """The bytes ``node`` spells (how the client saw it, for an opaque node)."""
+        if node.opaque_key is not None:
+            return node.opaque_key
+        return b"".join(map(self.token_bytes, node.ids))
+
     # -- versions -------------------------------------------------------------
 
     def version_slot(self, version: str) -> int:
@@ -235,18 +275,19 @@ class RadixTrie:
         if _char_boundary(text, pos):
             best = ([], pos)
         best_access = -1.0
-        for child in node.children.get(text[pos], ()) if pos < len(text) else ():
+        for child in node.children_at(text[pos]) if pos < len(text) else ():
             found: tuple[list[tuple[Node, int]], int] | None = None
-            if text.startswith(child.key, pos):
-                deeper = self._best(child, text, pos + len(child.key))
+            key = self.key(child)
+            if text.startswith(key, pos):
+                deeper = self._best(child, text, pos + len(key))
                 if deeper is not None:
                     found = ([(child, len(child.ids)), *deeper[0]], deeper[1])
                 elif not child.opaque:
-                    count, size = self._partial(child, text, pos, len(child.key) - 1)
+                    count, size = self._partial(child, key, text, pos, len(key) - 1)
                     if count:
                         found = ([(child, count)], pos + size)
             elif not child.opaque:
-                count, size = self._partial(child, text, pos, len(child.key))
+                count, size = self._partial(child, key, text, pos, len(key))
                 if count:
                     found = ([(child, count)], pos + size)
             if found is None:
@@ -259,10 +300,11 @@ class RadixTrie:
                 best, best_access = found, child.last_access
         return best
 
-    def _partial(self, node: Node, text: bytes, pos: int, limit: int) -> tuple[int, int]:
+    def _partial(
+        self, node: Node, key: bytes, text: bytes, pos: int, limit: int
+    ) -> tuple[int, int]:
         """Tokens (and their bytes) of ``node`` spelling ``text[pos:]``, ending between
         characters and within the first ``limit`` bytes of the node."""
-        key = node.key
         limit = min(limit, len(key), len(text) - pos)
         lo, hi = 0, limit  # longest common byte prefix by bisection over slice compares
         while lo < hi:
@@ -282,30 +324,33 @@ class RadixTrie:
         return best_count, best_size
 
     def _append_hidden(self, path: list[tuple[Node, int]], start: Node | None = None) -> None:
+        """Add the hidden tail of a trajectory that ended where the text ends.
+
+        When trajectories ended here both with a tail (an end-of-turn token) and
+        without one (cut by ``max_new_tokens``), the text cannot tell them apart;
+        the more recent one wins.
+        """
         node = start if start is not None else path[-1][0]
         while True:
             hidden = [c for c in node.iter_children() if c.hidden]
             if not hidden:
                 return
-            node = max(hidden, key=lambda c: c.last_access)
+            tail = max(hidden, key=lambda c: c.last_access)
+            if node.plain_end is not None and node.plain_end >= tail.last_access:
+                return
+            node = tail
             path.append((node, len(node.ids)))
 
     def trajectory(self, match: Match) -> Trajectory:
         """The cached tokens of a match, with logprobs, mask and versions."""
         result = Trajectory()
+        slots = self._slots
         for node, count in match.path:
-            ids = node.ids[:count].tolist()
-            result.ids.extend(ids)
-            if node.logps is None or node.codes is None:
-                result.logps.extend([0.0] * count)
-                result.mask.extend([0] * count)
-                result.versions.extend([None] * count)
-            else:
-                result.logps.extend(node.logps[:count].tolist())
-                codes = node.codes[:count]
-                result.mask.extend(1 if c else 0 for c in codes)
-                slots = self._slots
-                result.versions.extend(slots[c] if c else None for c in codes)
+            result.ids.extend(node.ids[:count].tolist())
+            logps, codes = node.payload(count)
+            result.logps.extend(logps)
+            result.mask.extend(1 if c else 0 for c in codes)
+            result.versions.extend(slots[c] if c else None for c in codes)
         return result
 
     # -- pins ---------------------------------------------------------------------
@@ -351,7 +396,7 @@ class RadixTrie:
         shape = alignment or Alignment(plain=n, opaque=n, opaque_text=b"")
         root = self.roots.get(namespace)
         if root is None:
-            root = Node(b"", array("I"), None, None, None, now)
+            root = Node(0, array("I"), None, now)
             self.roots[namespace] = root
         segments = [(0, shape.plain, False), (shape.opaque, n, True)]
         node: Node | None = root
@@ -363,6 +408,8 @@ class RadixTrie:
             if not hidden and shape.opaque > shape.plain and node is not None:
                 node, count = self._insert_opaque(node, ids, logps, codes, shape, worker, now)
                 added += count
+        if shape.opaque == n and node is not None and node is not root:
+            node.plain_end = now  # ended without a hidden tail
         if added:
             self.enforce_budget(now)
         return added
@@ -398,8 +445,7 @@ class RadixTrie:
                 child = self._split(child, common)
             run = codes[index : index + common]
             if any(run):
-                child.logps = array("f", logps[index : index + common])
-                child.codes = array("B", run)
+                child.set_payload(logps[index : index + common], run)
             if worker is not None:
                 child.worker = worker
             child.last_access = now
@@ -424,11 +470,7 @@ class RadixTrie:
         if child is None:
             leaf = self._new_node(node, ids, logps, codes, lo, hi, shape.opaque_text, worker, now)
             return leaf, (hi - lo if leaf is not None else 0)
-        if (
-            child.opaque
-            and child.ids.tolist() == list(ids[lo:hi])
-            and child.key == shape.opaque_text
-        ):
+        if child.opaque_key == shape.opaque_text and child.ids.tolist() == list(ids[lo:hi]):
             child.last_access = now
             return child, 0
         return None, 0  # another reading of these tokens is cached: keep it
@@ -446,20 +488,12 @@ class RadixTrie:
         now: float,
     ) -> Node | None:
         run_ids = array("I", ids[lo:hi])
-        run_codes = codes[lo:hi]
-        generated = any(run_codes)
-        key = opaque_text if opaque_text is not None else b"".join(map(self.token_bytes, run_ids))
-        if not key:  # tokens that decode to nothing cannot be looked up by text
+        first_bytes = opaque_text if opaque_text is not None else self.token_bytes(run_ids[0])
+        if not first_bytes:  # tokens that decode to nothing cannot be looked up by text
             return None
-        leaf = Node(
-            key,
-            run_ids,
-            array("f", logps[lo:hi]) if generated else None,
-            array("B", run_codes) if generated else None,
-            parent,
-            now,
-        )
-        leaf.opaque = opaque_text is not None
+        leaf = Node(first_bytes[0], run_ids, parent, now)
+        leaf.set_payload(logps[lo:hi], codes[lo:hi])
+        leaf.opaque_key = opaque_text
         leaf.worker = worker
         parent.add_child(leaf)
         self.node_count += 1
@@ -475,28 +509,16 @@ class RadixTrie:
         parent = node.parent
         assert parent is not None
         assert 0 < count < len(node.ids)
-        size = sum(len(self.token_bytes(t)) for t in node.ids[:count])
-        upper = Node(
-            node.key[:size],
-            node.ids[:count],
-            node.logps[:count] if node.logps is not None else None,
-            node.codes[:count] if node.codes is not None else None,
-            parent,
-            node.last_access,
-        )
+        logps, codes = node.payload(len(node.ids))
+        upper = Node(node.first, node.ids[:count], parent, node.last_access)
+        upper.set_payload(logps[:count], codes[:count])
         upper.worker = node.worker
         upper.hidden = node.hidden
         parent.remove_child(node)
         parent.add_child(upper)
-        node.key = node.key[size:]
         node.ids = node.ids[count:]
-        if node.logps is not None and node.codes is not None:
-            node.logps = node.logps[count:]
-            node.codes = node.codes[count:]
-            if not any(node.codes):
-                node.logps = node.codes = None
-        if upper.codes is not None and not any(upper.codes):
-            upper.logps = upper.codes = None
+        node.set_payload(logps[count:], codes[count:])
+        node.first = self.key(node)[0]
         node.parent = upper
         upper.add_child(node)
         self.node_count += 1
@@ -544,7 +566,7 @@ class RadixTrie:
                     continue
                 if any(n.pins for n in self._subtree(node)):
                     continue  # in use: collected on a later pass
-                first = next(i for i, code in enumerate(codes) if code in stale)
+                first = node.gen_from + next(i for i, c in enumerate(codes) if c in stale)
                 if first > 0 and not node.opaque:
                     self._split(node, first)  # keep the tokens before the stale ones
                 removed += self._remove_subtree(node)
@@ -598,7 +620,7 @@ class RadixTrie:
     def statistics(self) -> TrieStatistics:
         key_bytes = payload = 0
         for node in self._all_nodes():
-            key_bytes += len(node.key)
+            key_bytes += len(node.opaque_key or b"")
             payload += node.ids.itemsize * len(node.ids)
             if node.logps is not None and node.codes is not None:
                 payload += node.logps.itemsize * len(node.logps) + len(node.codes)

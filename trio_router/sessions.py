@@ -26,6 +26,7 @@ from .errors import BadRequest, NotFound, Overloaded, Unauthorized
 Render = Callable[[list[dict[str, Any]], bool], str]
 """render(messages, add_generation_prompt) -> text, with the session's tools bound."""
 
+
 @dataclass(slots=True)
 class Turn:
     """One committed turn: where it started, so it can be rolled back."""

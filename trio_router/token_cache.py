@@ -123,7 +123,7 @@ class TokenCache(Middleware):
         self.tokenizer = tokenizer
         self.settings = settings
         self.router = router  # to send continuations of aborted requests
-        self.trie = RadixTrie(tokenizer.token_bytes, max_tokens=settings.max_tokens)
+        self.trie = RadixTrie(tokenizer.bytes_table().__getitem__, max_tokens=settings.max_tokens)
         self.counters = CacheCounters()
 
     def namespace(self, request: ProxyRequest) -> str:

@@ -145,6 +145,14 @@ class Tokenizer:
             raise ValueError(f"token id out of range: {token_id}")
         return table[token_id] if token_id < len(table) else b""
 
+    def bytes_table(self) -> list[bytes]:
+        """``token_bytes`` as a list indexed by id (padded with ``b""`` past the vocabulary,
+        where models pad their embeddings), for C-speed lookups."""
+        table = self._bytes if self._bytes is not None else self._build_bytes_table()
+        if len(table) < self.vocab_size + 1024:
+            table.extend([b""] * (self.vocab_size + 1024 - len(table)))
+        return table
+
     def _build_bytes_table(self) -> list[bytes]:
         decoder = self.backend.decoder
         if type(decoder).__name__ != "ByteLevel":
