@@ -171,3 +171,19 @@ async def test_sigterm_drains_in_flight_streams_refuses_new_requests_and_exits_0
     assert len(events) == 41  # every token event arrived, plus [DONE]
     assert refused
     assert code == 0
+
+
+def test_range_problems_are_reported_alongside_type_errors():
+    with pytest.raises(ConfigError) as caught:
+        build(RouterConfig, {"port": "eighty", "health_check_interval": -1, "log_level": "loud"})
+    message = caught.value.message
+    assert "port must be int" in message
+    assert "health_check_interval must be > 0" in message
+    assert "log_level must be" in message
+
+
+def test_options_outside_the_router_table_are_an_error(tmp_path: Path):
+    toml = tmp_path / "router.toml"
+    toml.write_text('polcy = "x"\n[router]\nport = 1\n')
+    with pytest.raises(ConfigError, match=r"put every option inside \[router\]"):
+        read_toml(toml, "router")

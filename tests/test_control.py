@@ -152,6 +152,9 @@ async def test_prometheus_exposition_on_the_path_and_on_its_own_port(nursery, cl
         assert line in text, line
     assert "trio_router_request_duration_seconds_bucket" in text
     assert "trio_router_requests_total" in on_port.text
+    with trio.fail_after(10):
+        elsewhere = await client.post(running.prometheus_url + "/generate", json={})
+    assert elsewhere.status_code == 404
 
 
 async def test_unknown_paths_are_proxied_not_swallowed_by_the_control_plane(nursery, client):

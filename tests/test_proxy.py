@@ -355,3 +355,24 @@ async def test_large_routed_experts_payload_survives_the_proxy(nursery, client):
         answer["meta_info"].pop("e2e_latency")
     assert proxied == direct
     assert len(proxied["meta_info"]["routed_experts"]) > 10_000
+
+
+async def test_percent_encoded_paths_reach_the_worker_as_sent(nursery, client):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,))
+    with trio.fail_after(10):
+        response = await client.get(running.url + "/files/a%2Fb%20c")
+    assert response.status_code == 200
+    assert upstream.seen[-1].path == "/files/a/b c"  # the server decodes; the bytes went as sent
+
+
+async def test_when_every_worker_refuses_the_client_gets_the_connect_error(nursery, client):
+    running = await start_router(nursery)
+    router = running.router
+    dead = f"http://127.0.0.1:{free_port()}"
+    router.pool.add(dead, 0.0)
+    router.pool.probe_succeeded(dead, 0.0)
+    with trio.fail_after(10):
+        response = await client.post(running.url + "/generate", json={"text": "x"})
+    assert response.status_code == 502
+    assert "cannot connect to worker" in response.json()["error"]["message"]

@@ -108,7 +108,7 @@ class RouterConfig:
     )
     abort_retry_backoff: float = option(0.5, "seconds to wait before continuing an aborted one")
     prometheus_port: int | None = option(
-        None, "serve Prometheus metrics on this extra port too (always at /prometheus)"
+        None, "also serve Prometheus metrics at /metrics on this port (always at /prometheus)"
     )
     prometheus_host: str = option("127.0.0.1", "address of the Prometheus listener")
     middleware_paths: tuple[str, ...] = option(
@@ -122,6 +122,8 @@ class RouterConfig:
         found = []
         if not 0 <= self.port <= 65535:
             found.append(f"port must be 0..65535, not {self.port}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            found.append(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
         if self.policy not in POLICY_NAMES:
             found.append(f"policy must be one of {', '.join(POLICY_NAMES)}, not {self.policy!r}")
         for name in (
@@ -226,13 +228,12 @@ def build(cls: type[C], *layers: Mapping[str, Any]) -> C:
                 values[key] = _coerce(key, value, hints[key])
             except ConfigError as exc:
                 problems.append(exc.message)
+    config = cls(**values)  # the values that passed, so range checks still run
+    check = getattr(config, "problems", None)
+    if check is not None:
+        problems.extend(check())
     if not problems:
-        config = cls(**values)
-        check = getattr(config, "problems", None)
-        if check is not None:
-            problems.extend(check())
-        if not problems:
-            return config
+        return config
     raise ConfigError("invalid configuration: " + "; ".join(problems))
 
 
@@ -271,6 +272,12 @@ def read_toml(path: str | Path, section: str | None = None) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     if section is not None and isinstance(data.get(section), dict):
+        others = sorted(k for k in data if k != section)
+        if others:
+            raise ConfigError(
+                f"config file {path}: put every option inside [{section}] "
+                f"(found {', '.join(others)} outside it)"
+            )
         return dict(data[section])
     return data
 

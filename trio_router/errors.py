@@ -8,7 +8,7 @@
     ├── Unauthorized                 401 authentication_error
     ├── Forbidden                    403 permission_error
     ├── NoHealthyWorker              503 service_unavailable
-    ├── Overloaded                   503 service_unavailable (429 with Retry-After when set)
+    ├── Overloaded                   503 or 429, with Retry-After
     ├── PluginError                  500 plugin_error
     └── UpstreamError                502 upstream_error
         ├── UpstreamConnectError     502 (never reached the worker: safe to retry)

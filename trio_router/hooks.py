@@ -48,6 +48,8 @@ class ProxyRequest:
     client: str | None = None
     #: a worker that already holds this request's prefix (for cache-aware routing)
     hint: str | None = None
+    #: the path as the client sent it (percent-encoding kept), forwarded as is
+    raw_path: bytes | None = None
     #: scratch space for middleware to carry state from one hook to the next
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -60,7 +62,7 @@ class ProxyRequest:
 
     @property
     def target(self) -> bytes:
-        path = self.path.encode("utf-8")
+        path = self.raw_path if self.raw_path is not None else self.path.encode("utf-8")
         return path + b"?" + self.query if self.query else path
 
 

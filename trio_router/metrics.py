@@ -55,7 +55,7 @@ class PoolCollector(Collector):
             "trio_router_worker_inflight", "Requests in flight per worker", labels=["worker"]
         )
         healthy = GaugeMetricFamily(
-            "trio_router_worker_healthy", "1 if the worker takes traffic", labels=["worker"]
+            "trio_router_worker_healthy", "1 if the worker is healthy", labels=["worker"]
         )
         state = GaugeMetricFamily(
             "trio_router_worker_state", "Health state of each worker", labels=["worker", "state"]
@@ -171,6 +171,12 @@ class Metrics:
         self.disconnects = Counter(
             "trio_router_client_disconnects",
             "Requests whose client went away before the response ended",
+            registry=r,
+        )
+        self.cut = Counter(
+            "trio_router_responses_cut",
+            "Responses that ended before their last byte (client gone, worker failed, deadline)",
+            ["cause"],
             registry=r,
         )
         r.register(PoolCollector(pool, service_restarts))

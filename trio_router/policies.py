@@ -348,5 +348,5 @@ def make_policy(
     if name == "consistent_hash":
         return ConsistentHash(rng, load_factor=hash_load_factor)
     if name in ("sticky", "manual"):
-        return Sticky(rng, ttl=sticky_ttl, spill_factor=sticky_spill_factor)
+        return Sticky(rng, ttl=sticky_ttl, spill_factor=sticky_spill_factor, name=name)
     raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from .errors import (
+    NoHealthyWorker,
     PayloadTooLarge,
     RouterError,
     UpstreamConnectError,
@@ -171,6 +172,7 @@ class Proxy:
         request = ProxyRequest(
             method=scope["method"],
             path=scope["path"],
+            raw_path=scope.get("raw_path"),
             query=scope["query_string"],
             headers=headers,
             body=body,
@@ -287,6 +289,8 @@ class Proxy:
         status = progress.status if progress.completed or progress.status else 499
         if not progress.completed and progress.error is None:
             router.metrics.disconnects.inc()
+        if progress.response_started and not progress.completed:
+            router.metrics.cut.labels("client" if progress.error is None else "upstream").inc()
         router.metrics.observe(request.path, progress.worker or "none", status, duration)
         if router.config.verbose:
             access_log.info(
@@ -294,7 +298,7 @@ class Proxy:
                 request.request_id,
                 request.method,
                 request.path,
-                progress.worker,
+                progress.worker or "none",
                 status,
                 progress.bytes_sent,
                 duration * 1000,
@@ -326,10 +330,20 @@ async def open_exchange(
     headers = forward_headers(request.headers, DROP_REQUEST)
     method = request.method.encode()
     policy: Policy = request.state.get("policy") or router.policy
+    last_error: UpstreamConnectError | None = None
     while True:
-        decision = policy.choose(
-            router.pool, request.routing_key, trio.current_time(), frozenset(tried), request.hint
-        )
+        try:
+            decision = policy.choose(
+                router.pool,
+                request.routing_key,
+                trio.current_time(),
+                frozenset(tried),
+                request.hint,
+            )
+        except NoHealthyWorker:
+            if last_error is not None:
+                raise last_error from None  # every worker tried refused the connection
+            raise
         router.metrics.decisions.labels(policy.name, decision.branch).inc()
         if router.chain.active:
             router.chain.on_route(request, decision)
@@ -347,6 +361,7 @@ async def open_exchange(
                 passive_failure(router, worker.url, exc)
                 if len(tried) >= router.config.max_retries:
                     raise
+                last_error = exc
                 tried.add(worker.url)
                 router.metrics.retries.labels(request.path).inc()
                 log.info("retrying %s on another worker: %s", request.path, exc.message)
@@ -394,6 +409,9 @@ def passive_failure(router: Router, url: str, exc: RouterError) -> None:
         return
     transition = router.pool.request_failed(worker, trio.current_time(), exc.message)
     if transition is not None:
+        log.warning(
+            "worker %s: %s -> %s (%s)", url, transition.old.value, transition.new.value, exc.message
+        )
         router.health.on_transition(transition)
     router.health.wake(url)
 

@@ -64,6 +64,10 @@ class PrometheusApp:
                     return
         if scope["type"] != "http":
             return
+        if scope["path"] not in ("/metrics", "/prometheus") or scope["method"] != "GET":
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         body = self.router.metrics.render()
         headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -99,7 +99,9 @@ class Upstream:
         content-length, which are set here.
         """
         scheme, host, port = self._origin(base_url)
-        host_header = host if port in (80, 443) else b"%s:%d" % (host, port)
+        name = b"[%s]" % host if b":" in host else host
+        default = 443 if scheme == b"https" else 80
+        host_header = name if port == default else b"%s:%d" % (name, port)
         all_headers = [(b"host", host_header), *headers]
         if body or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             all_headers.append((b"content-length", str(len(body)).encode()))
