@@ -157,13 +157,17 @@ async def test_prometheus_exposition_on_the_path_and_on_its_own_port(nursery, cl
     assert elsewhere.status_code == 404
 
 
-async def test_unknown_paths_are_proxied_not_swallowed_by_the_control_plane(nursery, client):
+async def test_worker_paths_are_relayed_and_unknown_ones_refused(nursery, client):
     worker = await start_worker(nursery)
-    running = await start_router(nursery, worker_urls=(worker.url,))
+    running = await start_router(nursery, worker_urls=(worker.url,), proxy_allow=("/extra/",))
     with trio.fail_after(10):
         info = await client.get(running.url + "/get_model_info")
         missing = await client.get(running.url + "/no/such/path")
+        allowed = await client.get(running.url + "/extra/thing")
     assert info.status_code == 200
     assert info.json()["model_path"] == "trio-router/sim"
-    assert missing.status_code == 404  # the worker's own 404, relayed
-    assert worker.app.stats.requests["/no/such/path"] == 1
+    assert missing.status_code == 403
+    assert "--proxy-allow" in missing.json()["error"]["message"]
+    assert "/no/such/path" not in worker.app.stats.requests
+    assert allowed.status_code == 404  # relayed: the worker's own 404
+    assert worker.app.stats.requests["/extra/thing"] == 1

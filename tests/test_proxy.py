@@ -63,7 +63,7 @@ async def test_chunked_upstream_answer_stays_chunked(nursery, client):
 
 async def test_method_path_query_and_body_reach_the_worker_byte_for_byte(nursery, client):
     upstream, url = await start_scripted(nursery)
-    running = await start_router(nursery, worker_urls=(url,))
+    running = await start_router(nursery, worker_urls=(url,), proxy_allow=("/some/",))
     body = b'{"b": 2,  "a": [1,2]}\n'
     with trio.fail_after(10):
         await client.put(
@@ -359,7 +359,7 @@ async def test_large_routed_experts_payload_survives_the_proxy(nursery, client):
 
 async def test_percent_encoded_paths_reach_the_worker_as_sent(nursery, client):
     upstream, url = await start_scripted(nursery)
-    running = await start_router(nursery, worker_urls=(url,))
+    running = await start_router(nursery, worker_urls=(url,), proxy_allow=("/files/",))
     with trio.fail_after(10):
         response = await client.get(running.url + "/files/a%2Fb%20c")
     assert response.status_code == 200

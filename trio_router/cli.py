@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from functools import partial
 
 import trio
 
-from .config import RouterConfig, add_arguments, from_namespace
+from .config import RouterConfig, add_arguments, build, from_namespace
 from .errors import ConfigError
 from .server import RunningRouter, run_until_signalled
 
@@ -64,6 +66,12 @@ def _setup_logging(level: str) -> None:
 
 
 def _announce(running: RunningRouter) -> None:
+    config = running.router.config
+    if config.admin_token is None and config.insecure_admin:
+        logging.getLogger("trio_router").warning(
+            "--insecure-admin: any client that reaches this port may add workers and "
+            "broadcast worker-control calls"
+        )
     print(f"trio-router listening on {running.url}", flush=True)
     if running.prometheus_url:
         print(f"prometheus metrics on {running.prometheus_url}", flush=True)
@@ -74,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = from_namespace(RouterConfig, args, section="router")
+            config = _secrets_from_environment(config)
             _setup_logging(config.log_level)
             trio.run(partial(run_until_signalled, config, _announce))
         elif args.command == "worker":
@@ -98,6 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _secrets_from_environment(config: RouterConfig) -> RouterConfig:
+    """Tokens may come from the environment, so they stay off command lines."""
+    changes: dict[str, object] = {}
+    if config.admin_token is None and os.environ.get("TRIO_ROUTER_ADMIN_TOKEN"):
+        changes["admin_token"] = os.environ["TRIO_ROUTER_ADMIN_TOKEN"]
+    if not config.api_key and os.environ.get("TRIO_ROUTER_API_KEY"):
+        changes["api_key"] = tuple(os.environ["TRIO_ROUTER_API_KEY"].split(","))
+    if not changes:
+        return config
+    return build(RouterConfig, {f.name: getattr(config, f.name) for f in fields(config)}, changes)
 
 
 def _config_error(exc: BaseException) -> ConfigError | None:

@@ -107,6 +107,31 @@ class RouterConfig:
         0, "continue a /generate that SGLang aborted, up to this many times (0 = return it)"
     )
     abort_retry_backoff: float = option(0.5, "seconds to wait before continuing an aborted one")
+    admin_token: str | None = option(
+        None,
+        "token admin endpoints require (Authorization: Bearer); also TRIO_ROUTER_ADMIN_TOKEN. "
+        "Unset: admin endpoints answer loopback clients only",
+    )
+    insecure_admin: bool = option(False, "with no admin token, let any client administer")
+    api_key: tuple[str, ...] = option(
+        (),
+        "keys inference calls must carry (Authorization: Bearer), each its own tenant; "
+        "also TRIO_ROUTER_API_KEY",
+        nargs="*",
+    )
+    worker_allow: tuple[str, ...] = option(
+        ("loopback", "private"),
+        "hosts workers may live on: loopback, private, any, a CIDR, a host or *.domain, "
+        "each optionally :PORT",
+        nargs="*",
+    )
+    proxy_allow: tuple[str, ...] = option(
+        (), "extra worker paths to relay (exact, or a prefix ending in /)", nargs="*"
+    )
+    max_concurrent_requests: int = option(
+        0, "requests handled at once; beyond it 503 with Retry-After (0 = no limit)"
+    )
+    max_header_size: int = option(65536, "largest request head, in bytes (431 beyond)")
     prometheus_port: int | None = option(
         None, "also serve Prometheus metrics at /metrics on this port (always at /prometheus)"
     )
@@ -159,6 +184,10 @@ class RouterConfig:
             found.append("cache_threshold must be within 0..1")
         if self.abort_retries < 0 or self.abort_retry_backoff < 0:
             found.append("abort_retries and abort_retry_backoff must be >= 0")
+        if self.max_concurrent_requests < 0 or self.max_header_size < 1024:
+            found.append("max_concurrent_requests must be >= 0 and max_header_size >= 1024")
+        if self.admin_token is not None and len(self.admin_token) < 8:
+            found.append("admin_token must be at least 8 characters")
         if self.max_retries < 0:
             found.append("max_retries must be >= 0")
         if self.sticky_spill_factor < 1 or self.hash_load_factor < 1:

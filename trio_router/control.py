@@ -60,6 +60,18 @@ def create_control_app(router: Router) -> QuartTrio:
         MAX_CONTENT_LENGTH=router.config.max_body_size,
     )
 
+    admin_paths = {"/add_worker", "/remove_worker"}
+
+    @app.before_request
+    async def guard() -> None:
+        path, method = request.path, request.method
+        if (
+            path in admin_paths
+            or (path == "/workers" and method in ("POST", "DELETE"))
+            or path.startswith("/workers/")
+        ):
+            router.gate.check_admin(request.headers.get("authorization"), request.remote_addr)
+
     @app.errorhandler(RouterError)
     async def router_error(exc: RouterError) -> Response:
         response = Response(error_body(exc.message, exc.kind, exc.status), status=exc.status)
@@ -159,8 +171,10 @@ def create_control_app(router: Router) -> QuartTrio:
         cache = router.token_cache
         if cache is None:
             raise BadRequest("the token cache is off; start the router with --radix-tree-max-size")
+        tenant = router.gate.tenant(request.headers.get("authorization"))
         body = await json_object()
-        namespace = request.headers.get(router.config.namespace_header, "")
+        declared = request.headers.get(router.config.namespace_header, "")
+        namespace = f"{tenant}/{declared}" if tenant else declared
         return json_response(await cache.retrieve(body.get("text"), namespace))
 
     @app.get("/prometheus")

@@ -18,10 +18,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+import orjson
 import trio
 
 from .errors import (
+    Forbidden,
     NoHealthyWorker,
+    Overloaded,
     PayloadTooLarge,
     RouterError,
     UpstreamConnectError,
@@ -32,6 +36,7 @@ from .errors import (
 from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
 from .policies import Policy
 from .router import Router
+from .security import BROADCAST_PATHS
 from .upstream import UpstreamResponse
 
 log = logging.getLogger("trio_router.proxy")
@@ -149,6 +154,7 @@ class Proxy:
     def __init__(self, router: Router) -> None:
         self.router = router
         self._ids = itertools.count(1)
+        self.active = 0  # requests being handled, for --max-concurrent-requests
         self._id_prefix = f"tr-{router.rng.getrandbits(32):08x}-"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -180,6 +186,13 @@ class Proxy:
             request_id=request_id or f"{self._id_prefix}{next(self._ids)}",
             client=client[0] if client else None,
         )
+        limit = router.config.max_concurrent_requests
+        if limit and self.active >= limit:
+            busy = Overloaded(f"the router is handling {limit} requests; retry shortly")
+            await send_reply(send, error_reply(busy))
+            router.metrics.observe(request.path, "none", busy.status, 0.0)
+            return
+        self.active += 1
         progress = Progress()
         try:
             async with trio.open_nursery() as nursery:
@@ -187,6 +200,7 @@ class Proxy:
                 await self._exchange(request, send, progress)
                 nursery.cancel_scope.cancel()
         finally:
+            self.active -= 1
             outcome = self._finish(request, progress, started)
             if router.chain.has_end_hooks:
                 with trio.CancelScope(shield=True), trio.move_on_after(END_HOOK_TIMEOUT):
@@ -198,6 +212,14 @@ class Proxy:
         timeout = router.config.request_timeout
         try:
             with trio.move_on_after(timeout if timeout > 0 else math.inf) as deadline:
+                authorization = _text(request.header(b"authorization"))
+                if request.path in BROADCAST_PATHS:
+                    router.gate.check_admin(authorization, request.client)
+                    await self._answer(await broadcast(router, request), send, progress)
+                    return
+                tenant = router.gate.tenant(authorization)
+                if tenant is not None:
+                    request.state["tenant"] = tenant
                 reply = await router.chain.on_request(request) if router.chain.active else None
                 if reply is not None:
                     await self._answer(reply, send, progress)
@@ -248,6 +270,11 @@ class Proxy:
 
     async def _forward(self, request: ProxyRequest, send: Send, progress: Progress) -> None:
         router = self.router
+        if not router.gate.relays(request.path):
+            raise Forbidden(
+                f"{request.path} is not relayed to workers; relay it with --proxy-allow "
+                "(worker-control paths are admin broadcasts)"
+            )
         async with open_exchange(router, request, progress) as response:
             url = response.url
             head = ResponseHead(
@@ -414,6 +441,45 @@ def passive_failure(router: Router, url: str, exc: RouterError) -> None:
         )
         router.health.on_transition(transition)
     router.health.wake(url)
+
+
+async def broadcast(router: Router, request: ProxyRequest) -> Reply:
+    """Send a worker-control call to every registered worker; report each result."""
+    results: dict[str, dict[str, Any]] = {}
+    headers = dict(forward_headers(request.headers, DROP_REQUEST))
+    timeout = router.config.request_timeout or None
+
+    async def one(url: str) -> None:
+        try:
+            response = await router.http.request(
+                request.method,
+                url + request.target.decode("latin-1"),
+                content=request.body,
+                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()},
+                timeout=timeout,
+            )
+        except httpx.HTTPError as exc:
+            results[url] = {"status": None, "error": f"{type(exc).__name__}: {exc}"}
+            return
+        try:
+            body: Any = response.json() if response.content else None
+        except ValueError:
+            body = response.text
+        results[url] = {"status": response.status_code, "body": body}
+
+    urls = router.pool.urls()
+    async with trio.open_nursery() as nursery:
+        for url in urls:
+            nursery.start_soon(one, url)
+    ok = bool(urls) and all(
+        r.get("status") is not None and r["status"] < 300 for r in results.values()
+    )
+    document = {"ok": ok, "workers": len(urls), "results": results}
+    return Reply(200 if ok else 502, orjson.dumps(document))
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -12,18 +12,20 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from .config import RouterConfig
-from .errors import BadRequest, ConfigError
+from .errors import BadRequest, ConfigError, RouterError
 from .health import HealthChecker, Probe, http_probe
 from .hooks import Middleware, MiddlewareChain, load_middleware
 from .metrics import CacheCollector, Metrics
 from .openai_api import OpenAIFrontend
 from .policies import Policy, make_policy
 from .pool import HealthRules, Transition, Worker, WorkerPool, normalize_worker_url
+from .security import DEFAULT_RELAYED, Gate, check_worker, parse_allow, resolve_host
 from .session_api import SessionFrontend
 from .sessions import SessionTable
 from .supervise import ServiceBoard, supervise
@@ -62,6 +64,13 @@ class Router:
             balance_rel=config.balance_rel_threshold,
         )
         self.services = ServiceBoard()
+        self.gate = Gate(
+            admin_token=config.admin_token,
+            insecure_admin=config.insecure_admin,
+            api_keys=config.api_key,
+            relayed=DEFAULT_RELAYED + config.proxy_allow,
+        )
+        self.allow_rules = parse_allow(config.worker_allow)
         self.metrics = Metrics(self.pool, self.services.restarts)
         self.health = HealthChecker(
             self.pool,
@@ -124,9 +133,18 @@ class Router:
 
     # -- worker administration ----------------------------------------------
 
+    async def admit_url(self, raw_url: object) -> str:
+        """A worker URL that passed validation and the allow-list (4xx saying why if not)."""
+        url = normalize_worker_url(raw_url)
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or 80
+        check_worker(url, await resolve_host(host, port), self.allow_rules)
+        return url
+
     async def add_worker(self, raw_url: object) -> tuple[Worker, bool]:
         """Register a worker and probe it at once; idempotent."""
-        url = normalize_worker_url(raw_url)
+        url = await self.admit_url(raw_url)
         worker, added = self.pool.add(url, trio.current_time())
         if added:
             with trio.move_on_after(self.config.health_check_timeout + 1):
@@ -204,8 +222,8 @@ async def open_router(
         now = trio.current_time()
         for raw in config.worker_urls:
             try:
-                router.pool.add(normalize_worker_url(raw), now)
-            except BadRequest as exc:
+                router.pool.add(await router.admit_url(raw), now)
+            except RouterError as exc:
                 raise ConfigError(f"--worker-urls: {exc.message}") from None
         try:
             async with trio.open_nursery() as nursery:

@@ -31,8 +31,11 @@ log = logging.getLogger("trio_router.server")
 ShutdownTrigger = Callable[[], Awaitable[None]]
 
 
-def hypercorn_config(host: str, port: int, *, graceful_timeout: float) -> HypercornConfig:
+def hypercorn_config(
+    host: str, port: int, *, graceful_timeout: float, max_header_size: int = 65536
+) -> HypercornConfig:
     cfg = HypercornConfig()
+    cfg.h11_max_incomplete_size = max_header_size
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     cfg.graceful_timeout = graceful_timeout
     cfg.keep_alive_timeout = 75  # above common load-balancer idle timeouts
@@ -85,7 +88,12 @@ async def serve(
     """Run the router until ``shutdown_trigger`` returns (or forever)."""
     trigger = shutdown_trigger or trio.sleep_forever
     async with open_router(config, probe=probe, tokenizer=tokenizer) as router:
-        cfg = hypercorn_config(config.host, config.port, graceful_timeout=config.graceful_timeout)
+        cfg = hypercorn_config(
+            config.host,
+            config.port,
+            graceful_timeout=config.graceful_timeout,
+            max_header_size=config.max_header_size,
+        )
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
                 partial(

@@ -127,8 +127,11 @@ class TokenCache(Middleware):
         self.counters = CacheCounters()
 
     def namespace(self, request: ProxyRequest) -> str:
+        """The tenant scope: the caller's API key (when keys are set), then the header."""
         value = request.header(self.settings.namespace_header)
-        return value.decode("utf-8", "replace") if value else ""
+        declared = value.decode("utf-8", "replace") if value else ""
+        tenant = request.state.get("tenant")
+        return f"{tenant}/{declared}" if tenant else declared
 
     # -- request ------------------------------------------------------------------
 

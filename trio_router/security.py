@@ -1,0 +1,253 @@
+"""Security by default: who may administer, which workers may join, which paths are relayed.
+
+- Admin actions (registering workers, worker-control broadcasts) need the admin
+  token when one is set, from every client; with none set only loopback
+  clients may administer (``--insecure-admin`` opens them to all).
+- A worker URL must be http(s) and its host must pass the allow-list
+  (loopback and private networks by default). Link-local and cloud metadata
+  addresses are always refused, also as IPv4-mapped IPv6 or behind a name.
+- Only inference and read-only paths are relayed to a worker; worker-control
+  paths are admin-only broadcasts; anything else is refused.
+- With API keys set, every data-plane call needs one, and each key is its own
+  tenant: cached trajectories and sessions are scoped by it.
+
+Pure except ``resolve_host`` (which asks the resolver through trio).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import trio
+
+from .errors import BadRequest, ConfigError, Forbidden, Unauthorized
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Never a worker: cloud metadata services and link-local addresses.
+DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "169.254.0.0/16",  # link-local, incl. 169.254.169.254 (AWS, GCP, Azure metadata)
+        "fe80::/10",  # IPv6 link-local
+        "fd00:ec2::254/128",  # AWS metadata over IPv6
+        "100.100.100.200/32",  # Alibaba Cloud metadata
+        "0.0.0.0/8",
+        "::/128",
+        "224.0.0.0/4",  # multicast
+        "ff00::/8",
+        "255.255.255.255/32",
+    )
+)
+DENIED_NAMES = frozenset({"metadata.google.internal", "metadata", "instance-data"})
+PRIVATE_NETWORKS: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+
+#: Paths relayed to one worker by default (exact, or a prefix ending in "/").
+DEFAULT_RELAYED = (
+    "/generate",
+    "/v1/",
+    "/health",
+    "/health_generate",
+    "/get_model_info",
+    "/get_server_info",
+    "/model_info",
+    "/server_info",
+    "/get_weight_version",
+    "/get_load",
+    "/tokenize",
+    "/detokenize",
+    "/encode",
+    "/classify",
+)
+#: Worker-control paths: admin only, sent to every worker.
+BROADCAST_PATHS = frozenset(
+    {
+        "/abort_request",
+        "/flush_cache",
+        "/pause_generation",
+        "/continue_generation",
+        "/update_weights_from_disk",
+        "/update_weights_from_tensor",
+        "/update_weights_from_distributed",
+        "/update_weight_version",
+        "/init_weights_update_group",
+        "/destroy_weights_update_group",
+        "/release_memory_occupation",
+        "/resume_memory_occupation",
+        "/start_profile",
+        "/stop_profile",
+    }
+)
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_loopback(client: str | None) -> bool:
+    if not client:
+        return False
+    try:
+        return _unmapped(ipaddress.ip_address(client)).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class AllowRule:
+    """One ``--worker-allow`` entry: a network or a host name pattern, maybe a port."""
+
+    network: IPNetwork | None = None
+    host: str | None = None  # exact name, or ".suffix" for "*.suffix"
+    port: int | None = None
+
+    def matches(self, host: str, addresses: Sequence[IPAddress], port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.host is not None:
+            name = host.lower()
+            return name.endswith(self.host) if self.host.startswith(".") else name == self.host
+        assert self.network is not None
+        return bool(addresses) and all(
+            a.version == self.network.version and a in self.network for a in addresses
+        )
+
+
+def parse_allow(entries: Iterable[str]) -> list[AllowRule]:
+    """Rules from entries: ``loopback``, ``private``, ``any``, a CIDR or address, a host or
+    ``*.domain``, each optionally followed by ``:PORT``."""
+    rules: list[AllowRule] = []
+    for raw in entries:
+        entry = raw.strip()
+        port: int | None = None
+        head, sep, tail = entry.rpartition(":")
+        if (
+            sep
+            and tail.isdigit()
+            and not entry.endswith("]")
+            and (head.count(":") == 0 or head.startswith("["))
+        ):
+            entry, port = head, int(tail)
+        entry = entry.strip("[]")
+        if entry == "loopback":
+            rules += [
+                AllowRule(network=ipaddress.ip_network("127.0.0.0/8"), port=port),
+                AllowRule(network=ipaddress.ip_network("::1/128"), port=port),
+                AllowRule(host="localhost", port=port),
+            ]
+        elif entry == "private":
+            rules += [AllowRule(network=n, port=port) for n in PRIVATE_NETWORKS]
+        elif entry == "any":
+            rules += [
+                AllowRule(network=ipaddress.ip_network("0.0.0.0/0"), port=port),
+                AllowRule(network=ipaddress.ip_network("::/0"), port=port),
+                AllowRule(host=".", port=port),
+            ]
+        elif entry.startswith("*."):
+            rules.append(AllowRule(host=entry[1:].lower(), port=port))
+        else:
+            try:
+                rules.append(
+                    AllowRule(network=ipaddress.ip_network(entry, strict=False), port=port)
+                )
+            except ValueError:
+                if not entry or "/" in entry or " " in entry:
+                    raise ConfigError(f"--worker-allow: cannot read {raw!r}") from None
+                rules.append(AllowRule(host=entry.lower(), port=port))
+    return rules
+
+
+async def resolve_host(host: str, port: int) -> list[IPAddress]:
+    """The addresses ``host`` resolves to (itself when it is an address)."""
+    try:
+        return [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        pass
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+    except OSError as exc:
+        raise BadRequest(f"worker host {host!r} does not resolve: {exc}") from None
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+def check_worker(url: str, addresses: Sequence[IPAddress], rules: Sequence[AllowRule]) -> None:
+    """Refuse a worker URL that the allow-list does not admit, saying why."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if host in DENIED_NAMES or (host.endswith(".internal") and host.startswith("metadata")):
+        raise Forbidden(f"worker host {host!r} is a cloud metadata service")
+    plain = [_unmapped(a) for a in addresses]
+    for address in plain:
+        if any(address.version == n.version and address in n for n in DENIED_NETWORKS):
+            raise Forbidden(
+                f"worker address {address} is link-local, metadata or otherwise never a worker"
+            )
+    if not any(rule.matches(host, plain, port) for rule in rules):
+        shown = ", ".join(str(a) for a in plain) or host
+        raise Forbidden(
+            f"worker {host}:{port} ({shown}) is not in the allow-list; add it with --worker-allow"
+        )
+
+
+@dataclass(slots=True)
+class Gate:
+    """Admin and API-key checks, with the namespace a caller's key implies."""
+
+    admin_token: str | None = None
+    insecure_admin: bool = False
+    api_keys: tuple[str, ...] = ()
+    relayed: tuple[str, ...] = DEFAULT_RELAYED
+    _tenants: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in self.api_keys:
+            self._tenants[key] = "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def check_admin(self, authorization: str | None, client: str | None) -> None:
+        if self.admin_token is not None:
+            if not _bearer_matches(authorization, self.admin_token):
+                raise Unauthorized("this admin endpoint needs Authorization: Bearer <admin token>")
+            return
+        if not self.insecure_admin and not is_loopback(client):
+            raise Forbidden(
+                "admin endpoints answer loopback clients only; set --admin-token "
+                "(or --insecure-admin) to administer from elsewhere"
+            )
+
+    def tenant(self, authorization: str | None) -> str | None:
+        """The tenant of a data-plane caller; raises when keys are set and none matches."""
+        if not self.api_keys:
+            return None
+        token = _bearer(authorization)
+        if token is not None:
+            for key, tenant in self._tenants.items():
+                if hmac.compare_digest(token.encode(), key.encode()):
+                    return tenant
+        raise Unauthorized("this router needs Authorization: Bearer <api key>")
+
+    def relays(self, path: str) -> bool:
+        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.relayed)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _bearer_matches(authorization: str | None, expected: str) -> bool:
+    token = _bearer(authorization)
+    return token is not None and hmac.compare_digest(token.encode(), expected.encode())
