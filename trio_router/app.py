@@ -11,7 +11,9 @@ from typing import Any, cast
 from quart_trio import QuartTrio
 
 from .control import create_control_app
-from .proxy import Proxy, Receive, Scope, Send
+from .errors import error_body
+from .hooks import Reply
+from .proxy import Proxy, Receive, Scope, Send, send_reply
 from .router import Router
 
 
@@ -43,6 +45,17 @@ class RouterApp:
         return path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if size > self.router.config.max_header_size:
+                body = error_body(
+                    f"request headers are {size} bytes; the limit is "
+                    f"{self.router.config.max_header_size}",
+                    "invalid_request_error",
+                    431,
+                )
+                await send_reply(send, Reply(431, body))
+                return
         if scope["type"] == "http" and not self.is_control(scope["path"]):
             await self.proxy(scope, receive, send)
         else:
