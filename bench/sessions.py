@@ -22,15 +22,21 @@ What is measured (the *run* is the window from just before the sessions are open
 last answer):
 
 * **turn latency** -- client-side, request sent to full answer; p50/p99 overall and by turn
-  index (turn k of every session), with the mean prompt length of that turn. Later turns carry
-  longer conversations, so a latency that climbs with the turn index is cost the router pays
-  per message or per token of history (rendering the chat template, tokenizing the delta).
-  With ``--sessions`` 32 the p99 of one turn index is close to its maximum.
+  index (turn k of every session), with the mean prompt and completion length of that turn.
+  *worker p50* is the worker's own ``meta_info.e2e_latency`` (mostly the simulated
+  ``completion tokens x ms/token``); *outside p50* is the rest of each turn: the router, HTTP
+  and waiting for a core. Later turns carry longer conversations, so an *outside* time that
+  climbs with the turn index is cost the router pays per message or per token of history
+  (rendering the chat template, tokenizing the delta). With ``--sessions`` 32 the p99 of one
+  turn index is close to its maximum.
 * **turns/s** -- completed turns / wall time of the run.
 * **router CPU per turn** -- utime+stime of the router process (all threads, from
-  ``/proc/<pid>/stat``) over the run / completed turns. The client's own CPU per turn and how
-  busy the whole machine was are shown too: on a 2-core machine the router, two workers and
-  the client share the CPUs, so latency includes waiting for a core.
+  ``/proc/<pid>/stat``) over the run / completed turns (clock ticks are 10 ms: with
+  ``--quick`` the run is short and this is coarse). The workers' and the client's CPU per turn
+  and how busy the whole machine was are shown too: on a 2-core machine the router, two
+  workers and the client share the CPUs, so latency includes waiting for a core. CPU used by
+  *other programs* during the run is shown as well; when it is above 10 % the latency and
+  turns/s figures are disturbed (run again on a quiet machine).
 * **router memory per session** -- router ``VmRSS`` (``/proc/<pid>/status``) at the end of the
   run minus before the sessions were opened, / sessions. RSS moves in pages and allocator
   arenas, so with few sessions this is coarse; ``metrics.sessions.tokens`` / sessions (the
@@ -51,7 +57,7 @@ last answer):
   the first differing position.
 
 Prints a table (overall + one row per turn index), saves a plot of p50/p99 latency by turn
-index to ``bench/results/sessions_latency.png`` (``--plot PATH``; skipped with a message when
+index (and the worker's own p50) to ``bench/results/sessions_latency.png`` (``--plot PATH``; skipped with a message when
 matplotlib is not installed) and ends with ``name=value`` lines (``--json PATH`` writes them
 too). Exits 1 if there was an error or a violation. ``--quick`` (8 sessions x 4 turns) takes
 about 20 s on a 2-core machine, most of it starting the processes.
@@ -62,11 +68,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -223,6 +230,7 @@ def start_processes(children: Children, args: argparse.Namespace) -> Stack:
 
 
 async def wait_ready(stack: Stack, children: Children) -> None:
+    """Wait until both workers and the router (seeing both healthy) answer ``/health``."""
     for worker, port in zip(stack.workers, stack.worker_ports, strict=True):
         await wait_until(
             f"{worker.name} on port {port}",
@@ -236,6 +244,34 @@ async def wait_ready(stack: Stack, children: Children) -> None:
         children=children,
         within=STARTUP_TIMEOUT,
     )
+
+
+def _lost_port(child: Child) -> bool:
+    """Whether ``child`` exited because its port was taken after ``free_ports`` chose it."""
+    if child.proc.poll() is None:
+        return False
+    try:
+        return "address already in use" in child.log_path.read_text(errors="replace").lower()
+    except OSError:
+        return False
+
+
+async def ready_stack(
+    stack: Stack, children: Children, args: argparse.Namespace, log: Callable[[str], None]
+) -> Stack:
+    """``wait_ready``; if a port was taken meanwhile (by another program), start again once."""
+    try:
+        await wait_ready(stack, children)
+        return stack
+    except BenchError:
+        started = [*stack.workers, stack.router]
+        if not any(_lost_port(c) for c in started):
+            raise
+    children.stop(started)
+    log("a chosen port was taken by another program meanwhile; starting again on new ports")
+    stack = start_processes(children, args)
+    await wait_ready(stack, children)
+    return stack
 
 
 def rss_kb(pid: int) -> int:
@@ -569,8 +605,9 @@ class Run:
 
     wall: float
     router_cpu: float
+    workers_cpu: float
     client_cpu: float
-    machine_busy: float
+    machine_busy: float  # fraction of all cores busy (any program)
     rss_before: int
     rss_after: int
     rss_deleted: int
@@ -626,10 +663,12 @@ def save_plot(
     index = [k for k, row in enumerate(rows, 1) if row]
     p50 = [percentile(sorted(t.latency * 1000 for t in rows[k - 1]), 50) for k in index]
     p99 = [percentile(sorted(t.latency * 1000 for t in rows[k - 1]), 99) for k in index]
+    worker = [percentile(_ms(t.worker_latency for t in rows[k - 1]), 50) for k in index]
     tokens = [sum(t.prompt_tokens for t in rows[k - 1]) / len(rows[k - 1]) for k in index]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     ax.plot(index, p50, "o-", label="p50")
     ax.plot(index, p99, "s--", label="p99")
+    ax.plot(index, worker, ":", color="grey", label="p50 of the worker's own time")
     ax.set_xticks(index, [f"{k}\n{t:.0f} tok" for k, t in zip(index, tokens, strict=True)])
     ax.set_xlabel("turn index (mean prompt tokens)")
     ax.set_ylabel("turn latency (ms)")
@@ -674,6 +713,9 @@ def report(
     body += [latency_row(str(k), roles[k - 1], row, errors_at[k]) for k, row in enumerate(rows, 1)]
     done = len(turns)
     per_turn = 1000 / done if done else math.nan
+    cores = os.cpu_count() or 1
+    ours = run.router_cpu + run.workers_cpu + run.client_cpu
+    other = max(0.0, run.machine_busy * cores * run.wall - ours) / (cores * run.wall)
     lines = [
         f"agent sessions: {n} x {args.turns} turns through the router, 2 simulated Qwen3 workers "
         f"({'recording' if recording else 'plain'}) at {args.latency_per_token_ms:g} ms/token, "
@@ -690,9 +732,11 @@ def report(
         "",
         f"throughput: {done} turns in {run.wall:.2f} s = {done / run.wall:.1f} turns/s",
         f"router CPU: {run.router_cpu * per_turn:.2f} ms/turn ({run.router_cpu:.2f} s, "
-        f"{100 * run.router_cpu / run.wall:.0f} % of one core); client CPU: "
-        f"{run.client_cpu * per_turn:.2f} ms/turn; machine busy {100 * run.machine_busy:.0f} % "
-        f"of all cores",
+        f"{100 * run.router_cpu / run.wall:.0f} % of one core); workers "
+        f"{run.workers_cpu * per_turn:.2f} ms/turn; client {run.client_cpu * per_turn:.2f} "
+        f"ms/turn; all {cores} cores {100 * run.machine_busy:.0f} % busy, "
+        f"{100 * other:.0f} % by other programs"
+        + (" -- the machine was shared: latency and turns/s are disturbed" if other > 0.1 else ""),
         f"router RSS: {run.rss_before} kB before opening the sessions, {run.rss_after} kB after "
         f"all turns: {(run.rss_after - run.rss_before) / n:.1f} kB/session; "
         f"{run.rss_deleted} kB after deleting them",
@@ -753,6 +797,7 @@ def report(
         _ms(t.latency - t.worker_latency for t in turns), 50
     )
     figures["sessions_client_cpu_ms_per_turn"] = run.client_cpu * per_turn
+    figures["sessions_other_load_fraction"] = other
     figures["sessions_router_rss_kb_after_delete"] = run.rss_deleted - run.rss_before
     return "\n".join(lines), figures
 
@@ -796,13 +841,14 @@ async def run(args: argparse.Namespace, children: Children) -> int:
     stack = start_processes(children, args)
     tok = tokenizers.Tokenizer.from_file(str(DEFAULT_TOKENIZER_DIR / "tokenizer.json"))
     script = Script(tok, args.seed)
-    await wait_ready(stack, children)
+    stack = await ready_stack(stack, children, args, log)
     log("ready; warming up")
     base = f"http://127.0.0.1:{stack.router_port}"
     limits = httpx.Limits(max_connections=args.sessions + 4)
     run_id = uuid.uuid4().hex[:8] if stack.recording else None
     agents = [Agent(i, random.Random(args.seed * 100_003 + i)) for i in range(args.sessions)]
     pid = stack.router.pid
+    watched = [pid, *(w.pid for w in stack.workers)]
     async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT, limits=limits) as client:
         await warm_up(client, script, args)
         await trio.sleep(0.3)
@@ -810,11 +856,11 @@ async def run(args: argparse.Namespace, children: Children) -> int:
         log(f"running {args.sessions} sessions x {args.turns} turns")
         rss_before = rss_kb(pid)
         client_cpu0 = time.process_time()
-        cpu0 = CpuSnapshot.take([pid])
+        cpu0 = CpuSnapshot.take(watched)
         async with trio.open_nursery() as nursery:
             for agent in agents:
                 nursery.start_soon(run_agent, client, agent, script, args, run_id, args.turns)
-        cpu1 = CpuSnapshot.take([pid])
+        cpu1 = CpuSnapshot.take(watched)
         client_cpu = time.process_time() - client_cpu0
         rss_after = rss_kb(pid)
         children.check_alive()
@@ -833,6 +879,7 @@ async def run(args: argparse.Namespace, children: Children) -> int:
     run_figures = Run(
         wall=cpu1.wall - cpu0.wall,
         router_cpu=cpu0.delta(cpu1, pid),
+        workers_cpu=sum(cpu0.delta(cpu1, w.pid) for w in stack.workers),
         client_cpu=client_cpu,
         machine_busy=cpu0.machine_busy(cpu1),
         rss_before=rss_before,

@@ -142,6 +142,9 @@ class RouterConfig:
     seed: int | None = option(None, "seed for the policies' tie-breaking (reproducible runs)")
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     verbose: bool = option(False, "log one line per request")
+    echo_request_id: bool = option(
+        True, "answer with the X-Request-ID the request had (or was given)"
+    )
 
     def problems(self) -> list[str]:
         found = []

@@ -177,6 +177,12 @@ def create_control_app(router: Router) -> QuartTrio:
         namespace = f"{tenant}/{declared}" if tenant else declared
         return json_response(await cache.retrieve(body.get("text"), namespace))
 
+    dashboard = (Path(__file__).parent / "dashboard.html").read_bytes()
+
+    @app.get("/dashboard")
+    async def dashboard_page() -> Response:
+        return Response(dashboard, content_type="text/html; charset=utf-8")
+
     @app.get("/prometheus")
     async def prometheus() -> Response:
         return Response(router.metrics.render(), content_type=PROMETHEUS_CONTENT_TYPE)

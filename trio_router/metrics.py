@@ -7,6 +7,7 @@ at scrape time by a collector, so the hot path never updates them.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -136,6 +137,7 @@ class Metrics:
         self, pool: WorkerPool, service_restarts: Callable[[], dict[str, int]] = dict
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.recent: deque[float] = deque(maxlen=2048)  # latencies for the dashboard
         r = self.registry
         self.requests = Counter(
             "trio_router_requests",
@@ -186,6 +188,27 @@ class Metrics:
         code = str(status)
         self.requests.labels(label, worker, code).inc()
         self.latency.labels(label, worker, code).observe(duration)
+        self.recent.append(duration)
+
+    def latency_summary(self) -> dict[str, float | int]:
+        """Quantiles of the most recent request latencies, in milliseconds."""
+        values = sorted(self.recent)
+        if not values:
+            return {"count": 0}
+
+        def at(q: float) -> float:
+            return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
+
+        return {"count": len(values), "p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99)}
+
+    def decision_counts(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for family in self.decisions.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    policy = counts.setdefault(sample.labels["policy"], {})
+                    policy[sample.labels["branch"]] = int(sample.value)
+        return counts
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -146,6 +146,7 @@ class Progress:
     bytes_sent: int = 0
     completed: bool = False
     error: RouterError | None = None
+    branch: str | None = None
 
 
 class Proxy:
@@ -174,6 +175,9 @@ class Proxy:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
                 break
+        if request_id is None:  # give the request an id, and pass it on to the worker
+            request_id = f"{self._id_prefix}{next(self._ids)}"
+            headers = [*headers, (b"x-request-id", request_id.encode())]
         client = scope.get("client")
         request = ProxyRequest(
             method=scope["method"],
@@ -183,7 +187,7 @@ class Proxy:
             headers=headers,
             body=body,
             routing_key=routing_key(headers),
-            request_id=request_id or f"{self._id_prefix}{next(self._ids)}",
+            request_id=request_id,
             client=client[0] if client else None,
         )
         limit = router.config.max_concurrent_requests
@@ -286,6 +290,8 @@ class Proxy:
                 body, replaced = router.chain.transform_body(request, head, body)
                 if replaced:
                     head.headers = [(k, v) for k, v in head.headers if k != b"content-length"]
+            if router.config.echo_request_id:
+                head.headers.append((b"x-request-id", request.request_id.encode("latin-1")))
             length = _content_length(head.headers)
             progress.status = head.status
             await send(
@@ -320,16 +326,21 @@ class Proxy:
             router.metrics.cut.labels("client" if progress.error is None else "upstream").inc()
         router.metrics.observe(request.path, progress.worker or "none", status, duration)
         if router.config.verbose:
+            pending = request.state.get("token_cache")
+            prompt = getattr(getattr(pending, "prompt", None), "ids", None)
             access_log.info(
-                "id=%s %s %s worker=%s status=%d bytes=%d ms=%.1f%s",
+                "request_id=%s method=%s path=%s worker=%s decision=%s status=%d bytes=%d "
+                "ms=%.1f prompt_tokens=%s completed=%s",
                 request.request_id,
                 request.method,
                 request.path,
                 progress.worker or "none",
+                progress.branch or "none",
                 status,
                 progress.bytes_sent,
                 duration * 1000,
-                "" if progress.completed else " (not completed)",
+                len(prompt) if prompt is not None else "-",
+                "yes" if progress.completed else "no",
             )
         return Outcome(
             status=status,
@@ -376,6 +387,7 @@ async def open_exchange(
             router.chain.on_route(request, decision)
         worker = decision.worker
         progress.worker = worker.url
+        progress.branch = f"{policy.name}:{decision.branch}"
         async with AsyncExitStack() as stack:
             stack.callback(router.pool.acquire(worker).release)
             try:
