@@ -56,11 +56,13 @@ last answer):
   The first violation is shown: the request and answer of the turn, and the tokens around
   the first differing position.
 
-Prints a table (overall + one row per turn index), saves a plot of p50/p99 latency by turn
-index (and the worker's own p50) to ``bench/results/sessions_latency.png`` (``--plot PATH``; skipped with a message when
-matplotlib is not installed) and ends with ``name=value`` lines (``--json PATH`` writes them
-too). Exits 1 if there was an error or a violation. ``--quick`` (8 sessions x 4 turns) takes
-about 20 s on a 2-core machine, most of it starting the processes.
+Prints a table (overall + one row per turn index), saves a plot of p50/p99 latency (and the
+worker's own p50) by turn index to ``bench/results/sessions_latency.png`` (``--plot PATH``,
+``--no-plot``; skipped with a message when matplotlib is not installed) and ends with
+``name=value`` lines (``--json PATH`` writes them too). Exits 1 if there was an error or a
+violation. ``--quick`` (8 sessions x 4 turns) takes about 10 s on a 2-core machine, most of it
+starting the processes (which are started again, once, on new ports if another program took
+one of the chosen free ports meanwhile).
 """
 
 from __future__ import annotations
