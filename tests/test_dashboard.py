@@ -64,3 +64,20 @@ async def test_chromium_renders_workers_policy_and_traffic(nursery, client, tmp_
     assert '<b id="healthy">2 / 2</b>' in dom
     assert "pin_new" in dom
     assert '<span id="error"></span>' in dom  # the page read /metrics without error
+
+
+async def test_the_grafana_dashboard_only_uses_metrics_the_router_exports(nursery, client, qwen3):
+    import re
+
+    worker = await start_worker(nursery, tokenizer=qwen3)
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(worker.url,), radix_tree_max_size=1000
+    )
+    with trio.fail_after(20):
+        await client.post(running.url + "/generate", json={"text": "hi"})
+        exported = (await client.get(running.url + "/prometheus")).text
+    dashboard = (Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text()
+    used = set(re.findall(r"trio_router_[a-z_]+", dashboard))
+    assert used
+    missing = sorted(name for name in used if f"{name}" not in exported)
+    assert missing == []
