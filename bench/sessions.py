@@ -36,11 +36,16 @@ last answer):
   and how busy the whole machine was are shown too: on a 2-core machine the router, two
   workers and the client share the CPUs, so latency includes waiting for a core. CPU used by
   *other programs* during the run is shown as well; when it is above 10 % the latency and
-  turns/s figures are disturbed (run again on a quiet machine).
+  turns/s figures are disturbed (run again on a quiet machine). The client's CPU per turn
+  grows with ``--sessions`` (httpx's connection pool): far above 64 sessions the figures
+  measure the client more than the router.
 * **router memory per session** -- router ``VmRSS`` (``/proc/<pid>/status``) at the end of the
-  run minus before the sessions were opened, / sessions. RSS moves in pages and allocator
-  arenas, so with few sessions this is coarse; ``metrics.sessions.tokens`` / sessions (the
-  token ids the router holds per session) is exact. RSS after deleting the sessions is shown.
+  run minus before the sessions were opened, / sessions. This is a lower bound: RSS moves in
+  pages and allocator arenas, and the router's heap keeps free space from its start-up
+  (loading the tokenizer) that sessions fill before RSS grows -- a session of ~640 tokens holds
+  ~50 kB of Python objects (ids, logprobs, mask, versions, messages) but adds only ~5 kB of
+  RSS here. ``metrics.sessions.tokens`` / sessions (the token ids the router holds per
+  session) is exact. RSS after deleting the sessions is shown too.
 * **errors** -- failed requests (non-200 answers, transport errors, malformed answers). A
   session stops at its first failed turn; the first failures are shown with their request.
 * **exactness** -- for every session (``GET /sessions/{id}`` after the run):
