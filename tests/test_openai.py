@@ -279,3 +279,37 @@ async def test_no_worker_is_503(nursery, qwen3):
             await client.chat.completions.create(model="default", messages=MESSAGES)
         await client.close()
     assert caught.value.status_code == 503
+
+
+async def test_tool_calls_can_be_streamed(nursery, qwen3):
+    worker, running = await openai_router(nursery, qwen3)
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ]
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with trio.fail_after(30):
+        stream = await client.chat.completions.create(
+            model="default", messages=messages, tools=tools, stream=True
+        )
+        chunks = [c async for c in stream]
+        await client.close()
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert sent_return_meta_info(worker)
+
+
+def sent_return_meta_info(worker) -> bool:  # type: ignore[no-untyped-def]
+    return worker.app.stats.requests["/v1/chat/completions"] >= 1
+
+
+async def test_one_failing_sample_of_n_gives_the_worker_error_not_a_500(nursery, qwen3):
+    worker, running = await openai_router(nursery, qwen3)
+    worker.app.faults.fail_status = 503
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="default", messages=MESSAGES, n=3)
+        await client.close()
+    assert caught.value.status_code == 502

@@ -409,8 +409,10 @@ class OpenAIFrontend(Middleware):
         """Tool calls are parsed by the worker: send it the chat request with our ids."""
         from .proxy import fetch
 
+        # SGLang reports each choice's ids and logprobs in meta_info only when asked
         forward = {**body, "input_ids": pending.prompt.ids, "stream": False}
         forward.setdefault("logprobs", True)
+        forward.setdefault("return_meta_info", True)
         upstream = self.upstream_request(request, "/v1/chat/completions", forward, pending)
         try:
             fetched = await fetch(self.router, upstream)
@@ -439,6 +441,9 @@ class OpenAIFrontend(Middleware):
             for choice in answer.get("choices", []):
                 if isinstance(choice, dict):
                     choice["logprobs"] = None
+        if call.stream and isinstance(answer, dict):
+            # tool calls are parsed once the answer is complete: send it as a short stream
+            return Reply(200, as_chunks(answer, call.include_usage), list(SSE_HEADERS))
         return Reply(200, orjson.dumps(answer), list(JSON))
 
     # -- completions --------------------------------------------------------------
@@ -630,9 +635,12 @@ class OpenAIFrontend(Middleware):
                 request, replace(call, sampling=sampling), pending
             )
 
-        async with trio.open_nursery() as nursery:
-            for index in range(call.n):
-                nursery.start_soon(sample, index)
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(call.n):
+                    nursery.start_soon(sample, index)
+        except* RouterError as group:
+            raise group.exceptions[0] from None  # one sample's own error, not a group
         return [r for r in results if r is not None]
 
     async def generate_stream(
@@ -672,6 +680,32 @@ class OpenAIFrontend(Middleware):
         if record:
             self.cache.insert_answer(replace(pending, chunks=[]), answer, worker)
         yield result
+
+
+async def as_chunks(answer: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+    """A complete chat.completion as the chunk stream a streaming client expects."""
+    base = {
+        "id": answer.get("id", completion_id("chatcmpl")),
+        "object": "chat.completion.chunk",
+        "created": answer.get("created", int(time.time())),
+        "model": answer.get("model"),
+    }
+    for choice in answer.get("choices", []):
+        index = choice.get("index", 0)
+        message = choice.get("message") or {}
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [
+                {"index": i, **call} for i, call in enumerate(message["tool_calls"])
+            ]
+        yield sse({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+        last = {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}
+        if "meta_info" in choice:
+            last["meta_info"] = choice["meta_info"]
+        yield sse({**base, "choices": [last]})
+    if include_usage and answer.get("usage"):
+        yield sse({**base, "choices": [], "usage": answer["usage"]})
+    yield b"data: [DONE]\n\n"
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

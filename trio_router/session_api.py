@@ -31,6 +31,7 @@ from .openai_api import (
     Call,
     Generated,
     OpenAIFrontend,
+    as_chunks,
     completion_id,
     parse_call,
     parse_messages,
@@ -173,8 +174,10 @@ class SessionFrontend(Middleware):
 
         lock = self._locks.setdefault(session.id, trio.Lock())
         async with lock:
-            eos = tokenizer.eos_token_id
-            plan = plan_turn(session, messages, render, tokenizer.decode([eos], False), eos)
+            eos_text = tokenizer.decode([tokenizer.eos_token_id], False)
+            # the engine stopped on a special token (<|im_end|>, <|endoftext|>): the turn's
+            # end marker is then already among the ids
+            plan = plan_turn(session, messages, render, eos_text, tokenizer.is_special)
             fresh = await tokenizer.aencode(plan.delta)
             self.table.check_budget(len(fresh))
             prompt = Trajectory(
@@ -193,25 +196,34 @@ class SessionFrontend(Middleware):
             headers=[*request.headers, (b"x-smg-routing-key", session.id.encode())],
         )
         upstream.state["policy"] = self.policy
-        if call.stream:
+        if call.stream and not tools:
             return Reply(
                 200,
                 self._streamed_turn(upstream, call, pending, session, plan, messages),
                 list(SSE_HEADERS),
             )
-        if tools:
+        if tools:  # the worker parses tool calls once the answer is complete
             result = await self._tool_turn(upstream, body, pending)
         else:
             result = await self.frontend.generate_one(upstream, call, pending, record=False)
         self._commit(session, plan, messages, prompt, result)
-        return Reply(200, orjson.dumps(self._completion(call, result)), list(JSON))
+        completion = self._completion(call, result)
+        if call.stream:
+            return Reply(200, as_chunks(completion, call.include_usage), list(SSE_HEADERS))
+        return Reply(200, orjson.dumps(completion), list(JSON))
 
     async def _tool_turn(
         self, request: ProxyRequest, body: dict[str, Any], pending: Pending
     ) -> Generated:
         from .proxy import fetch
 
-        forward = {**body, "input_ids": pending.prompt.ids, "stream": False, "logprobs": True}
+        forward = {
+            **body,
+            "input_ids": pending.prompt.ids,
+            "stream": False,
+            "logprobs": True,
+            "return_meta_info": True,
+        }
         fetched = await fetch(
             self.router,
             self.frontend.upstream_request(request, "/v1/chat/completions", forward, pending),
@@ -322,7 +334,7 @@ class SessionFrontend(Middleware):
         messages_before = plan.prior_messages
         session.messages = [*messages, {k: v for k, v in message.items() if v is not None}]
         session.messages[-1].setdefault("content", "")
-        rows = len(prompt.ids) + len(result.ids)
+        rows = _routed_rows(result.meta.get("routed_experts"), len(prompt.ids) + len(result.ids))
         session.turns.append(
             Turn(
                 messages_before=messages_before,
@@ -408,6 +420,18 @@ class SessionFrontend(Middleware):
         if fmt == "json":
             return Reply(200, orjson.dumps(sample), list(JSON))
         return Reply(200, _safetensors(sample), [(b"content-type", b"application/octet-stream")])
+
+
+def _routed_rows(payload: Any, tokens: int) -> int:
+    """Rows of a routed-experts payload: one per token, or one fewer (SGLang leaves out
+    the last generated token, which no forward pass consumed)."""
+    if not isinstance(payload, str) or tokens <= 0:
+        return 0
+    size = len(payload) // 4 * 3 - payload.count("=")
+    for rows in (tokens, tokens - 1):
+        if rows > 0 and size % (rows * 4) == 0:
+            return rows
+    return tokens
 
 
 def _finish_type(reason: Any) -> str:

@@ -112,7 +112,11 @@ def common_prefix(stored: Sequence[dict[str, Any]], sent: Sequence[dict[str, Any
 
 
 def plan_turn(
-    session: Session, messages: list[dict[str, Any]], render: Render, eos_text: str, eos_id: int
+    session: Session,
+    messages: list[dict[str, Any]],
+    render: Render,
+    eos_text: str,
+    ends_turn: Callable[[int], bool],
 ) -> Plan:
     """Decide how the request's messages extend (or retry) the session's conversation."""
     if not session.turns:
@@ -144,7 +148,7 @@ def plan_turn(
         return Plan(
             0, 0, 0, render(messages, True), keep_turns < len(session.turns), session.generation
         )
-    ended = keep_tokens > 0 and session.ids[keep_tokens - 1] == eos_id
+    ended = keep_tokens > 0 and ends_turn(session.ids[keep_tokens - 1])
     delta = delta_text(prior, new, render, eos_text, ended_with_eos=ended)
     return Plan(
         keep_turns,

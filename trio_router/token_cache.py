@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trio_router.token_cache")
 
 STATE_KEY = "token_cache"
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's, when a request names none
 
 
 @dataclass(slots=True)
@@ -180,7 +181,7 @@ class TokenCache(Middleware):
         assert self.router is not None
         sampling = body.get("sampling_params")
         sampling = dict(sampling) if isinstance(sampling, dict) else {}
-        budget = sampling.get("max_new_tokens")
+        budget = sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         ids: list[int] = []
         logps: list[float] = []
         versions: list[str] = []
@@ -216,6 +217,9 @@ class TokenCache(Middleware):
             await trio.sleep(self.settings.abort_retry_backoff)
         text = self._stitched_text(ids, last_ids, answer.get("text", ""))
         meta = dict(answer.get("meta_info", {}))
+        finish = meta.get("finish_reason")
+        if isinstance(finish, dict) and finish.get("type") == "length":
+            meta["finish_reason"] = {**finish, "length": len(ids)}
         meta.update(
             prompt_tokens=len(pending.prompt.ids),
             completion_tokens=len(ids),
@@ -333,6 +337,10 @@ class TokenCache(Middleware):
         ids, logps, version, text = generated
         self._record_output(pending, ids, logps, [version] * len(ids), text, worker)
 
+    def _codes(self, prompt: list[str | None], generated: list[str]) -> list[int]:
+        slot = self.trie.version_slot
+        return [slot(v) if v else PROMPT for v in prompt] + [slot(v) for v in generated]
+
     def _record_output(
         self,
         pending: Pending,
@@ -344,8 +352,16 @@ class TokenCache(Middleware):
     ) -> None:
         prompt = pending.prompt
         all_ids = prompt.ids + ids
-        codes = [self.trie.version_slot(v) if v else PROMPT for v in prompt.versions]
-        codes += [self.trie.version_slot(v) for v in versions]
+        try:
+            codes = self._codes(prompt.versions, versions)
+        except OverflowError:
+            # more weight versions than codes: collect old ones now, then try once more
+            self.trie.drop_versions_older_than(self.settings.gc_threshold_k)
+            try:
+                codes = self._codes(prompt.versions, versions)
+            except OverflowError:
+                self.counters.unrecorded += 1
+                return
         visible = pending.prompt_text + text.encode()
         alignment = align(visible, all_ids, self.tokenizer.token_bytes)
         if alignment is None:
