@@ -112,7 +112,7 @@ async def _router_ready(port: int, n_workers: int) -> bool:
     return status == 200 and isinstance(body, dict) and body.get("healthy_workers") == n_workers
 
 
-def start_processes(children: Children, latency_ms: float) -> Stack:
+def start_processes(children: Children, latency_ms: float, policy: str) -> Stack:
     """Start two recording Qwen3 workers and the router (readiness is awaited separately)."""
     *worker_ports, router_port = free_ports(3)
     workers = []
@@ -121,7 +121,7 @@ def start_processes(children: Children, latency_ms: float) -> Stack:
         argv += ["--latency-per-token-ms", str(latency_ms)]
         workers.append(children.start(f"worker{i}", argv))
     argv = [sys.executable, "-m", "trio_router", "serve", "--host", "127.0.0.1"]
-    argv += ["--port", str(router_port), "--log-level", "warning", "--policy", "least_inflight"]
+    argv += ["--port", str(router_port), "--log-level", "warning", "--policy", policy]
     argv += ["--radix-tree-max-size", str(CACHE_TOKENS)]
     argv += ["--worker-urls", *(f"http://127.0.0.1:{p}" for p in worker_ports)]
     router = children.start("router", argv)
@@ -481,6 +481,17 @@ def verify(
         turn_mask_ok=turn_mask_ok,
         first_bad_turn=first_bad_turn,
     )
+
+
+async def worker_prefix_reuse(stack: Stack) -> float:
+    """Share of prompt tokens the workers' (simulated) prefix caches already held."""
+    prompt = cached = 0
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as client:
+        for port in stack.worker_ports:
+            stats = (await client.get(f"http://127.0.0.1:{port}/sim/stats")).json()
+            prompt += stats.get("prompt_tokens", 0)
+            cached += stats.get("cached_tokens", 0)
+    return cached / prompt if prompt else float("nan")
 
 
 async def fetch_prompts(stack: Stack) -> dict[str, list[int]]:
@@ -954,6 +965,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--turns", type=parse_turns, help="turns per conversation, N or LO-HI (default 3-5)"
     )
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument(
+        "--policy",
+        default="cache_aware",
+        help="router policy (compare cache_aware with least_inflight for worker prefix reuse)",
+    )
     parser.add_argument("--latency-ms", type=float, default=1.0, help="workers' ms per token")
     parser.add_argument("--quick", action="store_true", help="16 conversations x 3 turns")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts")
@@ -986,7 +1002,7 @@ async def run(args: argparse.Namespace, children: Children) -> int:
         print(f"[{time.perf_counter() - began:5.1f}s]{line}", file=sys.stderr, flush=True)
 
     log(" starting 2 Qwen3 workers + router; loading the tokenizer meanwhile")
-    stack = start_processes(children, args.latency_ms)
+    stack = start_processes(children, args.latency_ms, args.policy)
     tok = load_tokenizer()
     script = Script(tok, args.seed)
     convs = make_conversations(script, args.conversations, args.turns, args.seed)
@@ -1003,6 +1019,7 @@ async def run(args: argparse.Namespace, children: Children) -> int:
         texts = {(c.index, n): t.full_text for c in finished for n, t in enumerate(c.turns, 1)}
         retrieved = await retrieve_all(client, texts, args.concurrency)
     prompts = await fetch_prompts(stack)
+    reuse = await worker_prefix_reuse(stack)
     checks = [
         verify(
             c,
@@ -1014,6 +1031,11 @@ async def run(args: argparse.Namespace, children: Children) -> int:
         for c in finished
     ]
     text, figures = report(rounds, checks, convs, tok, args)
+    figures["multiturn_worker_prefix_reuse"] = reuse
+    text += (
+        f"\n  workers' simulated KV prefix cache: {100 * reuse:.1f} % of prompt tokens were "
+        f"already cached on the worker that got them (policy {args.policy})"
+    )
     figures["wall_s"] = time.perf_counter() - began
     print(text)
     print()

@@ -105,3 +105,47 @@ async def test_the_gc_loop_keeps_the_newest_k_versions(autojump_clock):
             nursery.cancel_scope.cancel()
     # the shared "p", the prompts "0:" and "1:" of the dropped ones, and two whole trajectories
     assert cache.trie.tokens == 1 + 2 * 2 + 2 * 5
+
+
+def test_the_simulated_prefix_cache_counts_whole_cached_blocks():
+    from trio_router.sim.kvcache import PrefixCache
+
+    cache = PrefixCache(block=4, capacity_blocks=3)
+    assert cache.lookup(list(range(10))) == 0
+    cache.insert(list(range(10)))  # blocks 0-3 and 4-7
+    assert cache.lookup(list(range(10))) == 8
+    assert cache.lookup([*range(6), 99, 99, 99]) == 4
+    assert cache.lookup(list(range(8))) == 7  # the last token is always computed
+    cache.insert([50, 51, 52, 53, 54, 55, 56, 57])  # two more blocks evict the oldest
+    assert cache.lookup(list(range(10))) == 0
+
+
+async def reuse_with(nursery, client, qwen3, policy: str) -> float:  # type: ignore[no-untyped-def]
+    workers = [await start_worker(nursery, tokenizer=qwen3, seed=i) for i in range(2)]
+    running = await start_router(
+        nursery,
+        tokenizer=qwen3,
+        worker_urls=tuple(w.url for w in workers),
+        radix_tree_max_size=1_000_000,
+        policy=policy,
+    )
+    system = "<|im_start|>system\n" + "You are a careful assistant. " * 20 + "<|im_end|>\n"
+    for group in range(4):
+        prompt = system + f"<|im_start|>user\nProblem {group}?<|im_end|>\n<|im_start|>assistant\n"
+        for sample in range(4):
+            await generate(
+                client,
+                running.url,
+                prompt,
+                sampling_params={"max_new_tokens": 8, "sampling_seed": sample},
+            )
+    prompt_tokens = sum(w.app.stats.prompt_tokens for w in workers)
+    cached = sum(w.app.stats.cached_tokens for w in workers)
+    return cached / prompt_tokens
+
+
+async def test_cache_aware_routing_buys_worker_side_prefix_reuse(nursery, client, qwen3):
+    with trio.fail_after(60):
+        aware = await reuse_with(nursery, client, qwen3, "cache_aware")
+        blind = await reuse_with(nursery, client, qwen3, "round_robin")
+    assert aware > blind

@@ -25,6 +25,7 @@ import trio
 
 from ..config import option
 from .generation import Decoder, Finish, Vocab, routed_experts, vocab_from_tokenizer
+from .kvcache import PrefixCache
 from .tokenizer import ByteTokenizer, TokenizerLike
 
 __all__ = [
@@ -146,6 +147,10 @@ class SimStats:
     """Generations whose handler was cancelled (client went away, server killed)."""
     completed: int = 0
     """Generations whose handler ran to its end (whatever the finish reason)."""
+    prompt_tokens: int = 0
+    """Prompt tokens of /generate requests."""
+    cached_tokens: int = 0
+    """Of those, tokens whose KV the simulated prefix cache already held."""
 
     def to_json(self) -> dict[str, Any]:
         """The counters as a JSON-able dict."""
@@ -154,6 +159,8 @@ class SimStats:
             "active": self.active,
             "cancelled": self.cancelled,
             "completed": self.completed,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
         }
 
 
@@ -194,6 +201,7 @@ class _Job:
         "_text",
         "_text_n",
         "abort_message",
+        "cached_tokens",
         "dec",
         "disconnected",
         "prompt_ids",
@@ -220,6 +228,7 @@ class _Job:
     ) -> None:
         self.rid = rid
         self.prompt_ids = prompt_ids
+        self.cached_tokens = 0
         self.dec = Decoder(
             prompt_ids,
             params.max_new_tokens,
@@ -462,6 +471,7 @@ class SimWorker:
         self.url: str | None = None
         """Set by ``serve_sim_worker`` once bound."""
         self._latency_s = self.config.latency_per_token_ms / 1000.0
+        self.prefix_cache = PrefixCache()
         self._jobs: dict[str, _Job] = {}
         self._pieces: dict[int, str] = {}
         self._wall_offset: float | None = None
@@ -637,10 +647,17 @@ class SimWorker:
             return_logprob=_get_bool(body, "return_logprob", False),
             return_routed_experts=_get_bool(body, "return_routed_experts", False),
         )
-        if _get_bool(body, "stream", False):
-            await self._run_job(receive, job, lambda j: self._generate_stream(send, j))
-        else:
-            await self._run_job(receive, job, lambda j: self._generate_once(send, j))
+        job.cached_tokens = self.prefix_cache.lookup(prompt)
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.cached_tokens += job.cached_tokens
+        self.prefix_cache.insert(prompt)
+        try:
+            if _get_bool(body, "stream", False):
+                await self._run_job(receive, job, lambda j: self._generate_stream(send, j))
+            else:
+                await self._run_job(receive, job, lambda j: self._generate_once(send, j))
+        finally:
+            self.prefix_cache.insert(prompt + job.dec.output_ids)
 
     def _generate_payload(self, job: _Job) -> dict[str, Any]:
         dec = job.dec
@@ -650,7 +667,7 @@ class SimWorker:
             "finish_reason": None if finish is None else finish.to_json(),
             "prompt_tokens": len(job.prompt_ids),
             "completion_tokens": len(dec.output_ids),
-            "cached_tokens": 0,
+            "cached_tokens": job.cached_tokens,
             "weight_version": self.weight_version,
             "e2e_latency": trio.current_time() - job.start,
         }
