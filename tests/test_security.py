@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 
 import pytest
@@ -233,3 +234,16 @@ async def test_oversized_request_heads_are_refused(nursery, client):
         )
     assert r.status_code == 431
     assert worker.app.stats.requests.get("/generate", 0) == 0
+
+
+async def test_a_broken_http2_upload_closes_its_connection_not_the_router(nursery, client):
+    import httpx
+
+    running = await start_router(nursery)
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(http1=False, http2=True) as h2:
+            # the connection may be reset; what matters is that the router stays up
+            with contextlib.suppress(httpx.HTTPError):
+                await h2.post(running.url + "/add_worker", content=b"x" * 200_000)
+        health = await client.get(running.url + "/health")
+    assert health.status_code == 200

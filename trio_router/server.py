@@ -19,6 +19,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from . import hypercorn_guard
 from .app import create_app
 from .config import RouterConfig
 from .health import Probe
@@ -87,6 +88,7 @@ async def serve(
 ) -> None:
     """Run the router until ``shutdown_trigger`` returns (or forever)."""
     trigger = shutdown_trigger or trio.sleep_forever
+    hypercorn_guard.install()
     async with open_router(config, probe=probe, tokenizer=tokenizer) as router:
         cfg = hypercorn_config(
             config.host,
