@@ -1,7 +1,11 @@
 """trio_router next to SMG (SGLang Model Gateway, ``sglang-router==0.3.2``) on the same workers.
 
-Three targets share the same simulated SGLang workers (``python -m trio_router worker
---tokenizer bytes``), the same load and the same machine, on loopback:
+Three targets share the same simulated SGLang workers, the same load and the same machine, on
+loopback. The workers are trio_router's ``SimWorker`` with the bytes tokenizer and the same
+hypercorn settings as ``python -m trio_router worker --tokenizer bytes``, started as
+``compare.py --sim-worker`` because they must speak HTTP/1.1 only: SMG probes each worker with
+gRPC (h2c) health checks when it registers it, and hypercorn's HTTP/2 path can then raise out
+of a connection handler and end the whole worker process (see ``_http1_only``). Targets:
 
 * ``direct`` -- the client talks to the workers itself (connections spread over both): the limit;
 * ``trio``   -- ``python -m trio_router serve`` (least_inflight; ``--policy sticky`` in 4.);
@@ -15,7 +19,8 @@ medians over ``--rounds`` rounds (default 3, ``--quick`` 2). Scenarios:
    back: req/s, p50/p99, and the router's CPU per request (utime+stime of the router process
    from /proc/<pid>/stat over the window, divided by the requests completed).
 2. **stream** -- S concurrent ``"stream": true`` requests (64 tokens, workers sleep 5 ms per
-   token): time to first event, gap between consecutive events as the client sees them, and
+   token): time to first event, gap between consecutive events as the client sees them (and
+   the share of events that came in the same read as the previous one, ``coalesced %``), and
    router CPU per relayed event.
 3. **r3** -- one non-streaming ``/generate`` at a time whose ``meta_info.routed_experts`` (R3:
    int32 [tokens x 4 layers x 2 experts], base64) is 1/10/100 MB: a long ``input_ids`` prompt
@@ -25,18 +30,17 @@ medians over ``--rounds`` rounds (default 3, ``--quick`` 2). Scenarios:
    identical to the direct answer's, bytes compared via a digest). SMG 0.3.2 parses the
    ``/generate`` request into a fixed struct and drops ``return_routed_experts`` (see
    /work/shared/research/anchor-smg.md section 0 item 3), so its answers would carry no R3 at
-   all. To still measure how each router relays a large body, the workers of this scenario run
-   the same ``SimWorker`` behind a thin ASGI layer (``compare.py --r3-worker``) that counts
-   whether the flag arrived and sets it when it did not; the ``flag fwd`` column says which
-   router forwarded it.
+   all. To still measure how each router relays a large body, the workers of this scenario
+   have a thin ASGI layer (``--sim-worker --count-r3``) that counts whether the flag arrived
+   and sets it when it did not; the ``flag fwd`` column says which router forwarded it.
 4. **sticky** -- 1,000 session keys (``X-SMG-Routing-Key``), each sent ``--sticky-reps`` times
    in shuffled order by 32 clients; the two workers report different ``weight_version`` (v-a /
    v-b), read from ``meta_info.weight_version``. Balance = share of requests (and of keys) per
    worker; stickiness = fraction of keys whose requests all went to one worker.
 5. **kill** -- closed loop of 8 clients for ~8 s (workers sleep 1 ms per token); one worker is
    SIGKILLed at ~2 s. Client errors, requests slower than 10x the pre-kill median, and how long
-   the dead worker kept being tried: the later of the last client-visible error/slow request
-   and the last increase of the router's own failed-attempt counter (SMG
+   the dead worker kept being tried: the later of the last failed client request and the last
+   increase of the router's own failed-attempt counter (SMG
    ``smg_worker_cb_outcomes_total{outcome="failure"}`` for that worker; trio_router
    ``trio_router_retries_total``), polled every 50 ms from its metrics endpoint. ``out ms`` is
    when the router's metrics first show the worker out of rotation (SMG circuit breaker open or
@@ -52,17 +56,18 @@ Output: one table per scenario, PNG plots ``bench/results/compare_*.png`` (if ma
 installed), and ``name=value`` lines for every key figure (``--json PATH`` writes them too);
 ``n/a`` (JSON null) where a figure does not exist. ``--profile SECONDS`` also samples the
 trio_router process with py-spy during an extra c=32 small-request window and prints its top
-frames. ``--quick`` runs the same comparison, smaller, in under 5 minutes.
+frames; it samples with ``--gil`` (only while the GIL is held, i.e. Python CPU): without it, on
+a busy 2-vCPU machine about a third of the samples sit inside ``send()``, mostly the kernel
+delivering to the woken peer and the router being preempted, which /proc does not count as
+the router's CPU. ``--quick`` runs the same comparison, smaller, in under 5 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -83,7 +88,8 @@ from typing import Any
 import orjson
 import trio
 from _harness import (
-    REQUEST_ERRORS,
+    CLK_TCK,
+    PROBE_ERRORS,
     BenchError,
     Child,
     Children,
@@ -100,7 +106,8 @@ from _harness import (
     wait_until,
 )
 
-BENCH_DIR = Path(__file__).resolve().parent
+SCRIPT = Path(__file__).resolve()
+BENCH_DIR = SCRIPT.parent
 RESULTS_DIR = BENCH_DIR / "results"
 SMG_VENV = BENCH_DIR / ".venv-smg"
 SMG_REQUIREMENT = "sglang-router==0.3.2"
@@ -125,6 +132,7 @@ WINDOW_SLACK = 60.0
 METRICS_POLL = 0.05
 SLOW_FACTOR = 10.0
 MB = 1_000_000  # sizes and RSS are in decimal MB
+COALESCED = 1e-4  # stream events arriving < 0.1 ms after the previous one came in the same read
 
 Log = Callable[[str], None]
 
@@ -195,6 +203,34 @@ def proc_status_kb(pid: int, key: str) -> int:
     raise BenchError(f"no {key} in /proc/{pid}/status")
 
 
+def cpu_user_sys(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        raw = fh.read()
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds_fine(pid: int) -> float:
+    """CPU seconds of ``pid``'s live threads in ns resolution (/proc/<pid>/task/*/schedstat).
+
+    /proc/<pid>/stat counts in clock ticks (10 ms here), too coarse for a few requests;
+    time of threads that exited in between is lost, so this is for short intervals only.
+    """
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return cpu_seconds(pid)
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
 def reset_peak_rss(pid: int) -> bool:
     """Reset ``VmHWM`` to the current RSS (``echo 5 > /proc/<pid>/clear_refs``)."""
     try:
@@ -255,10 +291,7 @@ async def start_workers(
     ports = free_ports(len(VERSIONS))
     workers = []
     for i, (port, version) in enumerate(zip(ports, VERSIONS, strict=True)):
-        if r3:
-            argv = [sys.executable, str(Path(__file__).resolve()), "--r3-worker"]
-        else:
-            argv = [sys.executable, "-m", "trio_router", "worker", "--tokenizer", "bytes"]
+        argv = [sys.executable, str(SCRIPT), "--sim-worker", *(["--count-r3"] if r3 else [])]
         argv += ["--port", str(port), "--weight-version", version]
         argv += ["--latency-per-token-ms", str(latency_ms)]
         workers.append(Worker(children.start(f"{label}-worker{i}", argv), port, version))
@@ -366,6 +399,7 @@ class Window:
     elapsed: float = 0.0
     start: float = 0.0
     cpu: dict[int, float] = field(default_factory=dict)  # CPU seconds per watched pid
+    sys_share: dict[int, float] = field(default_factory=dict)  # of that, kernel time (0..1)
     busy: float = 0.0  # whole machine, 0..1
 
     @property
@@ -421,9 +455,8 @@ async def run_load(
     them run for ``duration`` s while the CPU of ``pids`` is measured. ``during(start)`` runs
     alongside the measured clients (for the kill scenario).
     """
-    conns = [(TimedConn(port), request) for port, request in targets]
-    spread = [conns[i % len(conns)][1] for i in range(concurrency)]
-    conns = [(TimedConn(targets[i % len(targets)][0]), spread[i]) for i in range(concurrency)]
+    slots = [targets[i % len(targets)] for i in range(concurrency)]
+    conns = [(TimedConn(port), request) for port, request in slots]
     window = Window()
     warm_with = warm_exchange or exchange
 
@@ -432,7 +465,7 @@ async def run_load(
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
                     ok = await warm_with(conn, request)
-            except (*REQUEST_ERRORS, trio.TooSlowError) as exc:
+            except PROBE_ERRORS as exc:
                 raise BenchError(
                     f"warm-up request to port {conn.port} failed: {type(exc).__name__}: {exc}"
                 ) from None
@@ -446,7 +479,7 @@ async def run_load(
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
                     ok = await exchange(conn, request)
-            except (*REQUEST_ERRORS, trio.TooSlowError):
+            except PROBE_ERRORS:
                 await conn.aclose()
             records.append((t0, time.perf_counter() - t0, ok))
             if not ok:
@@ -457,6 +490,7 @@ async def run_load(
             async with trio.open_nursery() as nursery:
                 for conn, request in conns:
                     nursery.start_soon(warm, conn, request)
+            split0 = {pid: cpu_user_sys(pid) for pid in pids}
             before = CpuSnapshot.take(pids)
             end = before.wall + duration
             async with trio.open_nursery() as nursery:
@@ -465,6 +499,7 @@ async def run_load(
                 if during is not None:
                     nursery.start_soon(during, before.wall)
             after = CpuSnapshot.take(pids)
+            split1 = {pid: cpu_user_sys(pid) for pid in pids}
     except trio.TooSlowError:
         raise BenchError(f"a window did not finish within {duration + WINDOW_SLACK:g} s") from None
     finally:
@@ -473,6 +508,10 @@ async def run_load(
     window.start = before.wall
     window.elapsed = after.wall - before.wall
     window.cpu = {pid: before.delta(after, pid) for pid in pids}
+    for pid in pids:
+        user = split1[pid][0] - split0[pid][0]
+        kernel = split1[pid][1] - split0[pid][1]
+        window.sys_share[pid] = kernel / (user + kernel) if user + kernel > 0 else float("nan")
     window.busy = before.machine_busy(after)
     await trio.sleep(SETTLE)
     return window
@@ -502,6 +541,11 @@ class Bench:
         self.figures[name] = None if value is None or value != value else float(value)
 
 
+def cols(spec: str) -> list[str]:
+    """Table column headers written as ``"a|b|c"``."""
+    return spec.split("|")
+
+
 def med(values: Sequence[float]) -> float:
     vals = [v for v in values if v == v]
     return statistics.median(vals) if vals else float("nan")
@@ -513,6 +557,11 @@ def ratio(a: float, b: float) -> float:
 
 def na(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or value != value else fmt(value, digits)
+
+
+def times(value: float | None) -> str:
+    """A ratio as ``x1.23`` (``n/a`` if missing)."""
+    return "n/a" if value is None or value != value else f"x{value:.2f}"
 
 
 def cell(target: str, bench: Bench, value: float, digits: int = 1) -> str:
@@ -537,7 +586,7 @@ async def small_scenario(bench: Bench) -> None:
     args = bench.args
     bench.log(" 1. small requests: starting 2 workers + routers")
     workers = await start_workers(bench.children, "small", latency_ms=0.0)
-    routers = {
+    routers: dict[str, Router] = {
         t: await start_router(bench.children, t, "small", workers, policy)
         for t, policy in (("trio", "least_inflight"), ("smg", "round_robin"))
         if t in bench.targets
@@ -561,8 +610,9 @@ async def small_scenario(bench: Bench) -> None:
                     cpu = w.cpu[pids[0]] / w.ok * 1e6 if pids and w.ok else float("nan")
                     bench.log(
                         f"  small c={conc:<3} round {rnd + 1} {target:<6} "
-                        f"{w.ok / w.elapsed:8.1f} req/s  p50 {percentile(w.latencies(), 50) * 1e3:7.2f}"
-                        f" ms  router {fmt(cpu)} us/req  busy {w.busy * 100:.0f}%"
+                        f"{w.ok / w.elapsed:8.1f} req/s  "
+                        f"p50 {percentile(w.latencies(), 50) * 1e3:7.2f} ms  "
+                        f"router {fmt(cpu)} us/req  busy {w.busy * 100:.0f}%"
                     )
         if args.profile and "trio" in routers:
             await profile_trio(bench, routers["trio"], workers, raw)
@@ -592,10 +642,13 @@ def small_report(bench: Bench, results: Mapping[tuple[int, str], list[Window]]) 
                         "errors": float(w.errors),
                         "cpu_us": cpu_s / w.ok * 1e6 if w.ok else float("nan"),
                         "cpu_pct": 100 * cpu_s / w.elapsed if w.elapsed else float("nan"),
+                        "sys_pct": 100 * w.sys_share.get(router_pid, float("nan"))
+                        if router_pid is not None
+                        else float("nan"),
                         "busy": 100 * w.busy,
                     }
                 )
-            keys = ("rps", "p50", "p99", "errors", "cpu_us", "cpu_pct", "busy")
+            keys = ("rps", "p50", "p99", "errors", "cpu_us", "cpu_pct", "sys_pct", "busy")
             s = {k: med([p[k] for p in per]) if per else float("nan") for k in keys}
             s["errors"] = sum(p["errors"] for p in per) if per else float("nan")
             stats[target] = s
@@ -609,6 +662,7 @@ def small_report(bench: Bench, results: Mapping[tuple[int, str], list[Window]]) 
                     cell(target, bench, s["errors"], 0),
                     "-" if target == "direct" else cell(target, bench, s["cpu_us"]),
                     "-" if target == "direct" else cell(target, bench, s["cpu_pct"]),
+                    "-" if target == "direct" else cell(target, bench, s["sys_pct"], 0),
                     cell(target, bench, s["busy"], 0),
                 ]
             )
@@ -633,18 +687,23 @@ def small_report(bench: Bench, results: Mapping[tuple[int, str], list[Window]]) 
         f"1. small POST /generate (max_new_tokens 4), closed loop, {args.duration:g} s x "
         f"{args.rounds} rounds (medians; errors summed); direct = connections over both workers"
     )
-    out = [head, table(
-        ["conc", "target", "req/s", "p50 ms", "p99 ms", "errors", "router us/req",
-         "router cpu%", "busy%"],
-        rows,
-    )]
+    out = [
+        head,
+        table(
+            cols(
+                "conc|target|req/s|p50 ms|p99 ms|errors|router us/req|router cpu%|router sys%|busy%"
+            ),
+            rows,
+        ),
+    ]
     for conc in args.concurrency:
         f = bench.figures
+        p = f"small_c{conc}"
         out.append(
-            f"  c={conc}: trio/SMG  CPU per request x{na(f[f'small_c{conc}_cpu_ratio_trio_over_smg'], 2)}"
-            f", req/s x{na(f[f'small_c{conc}_rps_ratio_trio_over_smg'], 2)}"
-            f", p50 x{na(f[f'small_c{conc}_p50_ratio_trio_over_smg'], 2)}"
-            f", p99 x{na(f[f'small_c{conc}_p99_ratio_trio_over_smg'], 2)}"
+            f"  c={conc}: trio/SMG  CPU per request {times(f[f'{p}_cpu_ratio_trio_over_smg'])}"
+            f", req/s {times(f[f'{p}_rps_ratio_trio_over_smg'])}"
+            f", p50 {times(f[f'{p}_p50_ratio_trio_over_smg'])}"
+            f", p99 {times(f[f'{p}_p99_ratio_trio_over_smg'])}"
         )
     bench.report.append("\n".join(out))
 
@@ -657,9 +716,7 @@ def py_spy_path() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-async def profile_trio(
-    bench: Bench, router: Router, workers: Sequence[Worker], raw: bytes
-) -> None:
+async def profile_trio(bench: Bench, router: Router, workers: Sequence[Worker], raw: bytes) -> None:
     """Sample trio_router with py-spy during a c=32 small-request window; report top frames."""
     exe = py_spy_path()
     if exe is None:
@@ -668,7 +725,7 @@ async def profile_trio(
     seconds = bench.args.profile
     out = bench.children.tmpdir / "py-spy.txt"
     argv = [exe, "record", "--pid", str(router.pid), "-d", str(int(seconds)), "-f", "raw"]
-    argv += ["-o", str(out), "--rate", "250"]
+    argv += ["-o", str(out), "--rate", "250", "--gil"]
     bench.log(f"  profile: py-spy on trio_router (pid {router.pid}) for {seconds:g} s at c=32")
     spy: Child | None = None
 
@@ -678,13 +735,11 @@ async def profile_trio(
 
     reqs, pids = target_requests("trio", workers, {"trio": router}, raw)
     try:
-        await run_load(
-            reqs, 32, small_exchange, duration=seconds + 1.5, pids=pids, during=record
-        )
+        await run_load(reqs, 32, small_exchange, duration=seconds + 1.5, pids=pids, during=record)
         if spy is not None:
+            proc = spy.proc
             with trio.move_on_after(30):
-                while spy.proc.poll() is None:
-                    await trio.sleep(0.1)
+                await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
     finally:
         if spy is not None:
             bench.children.stop([spy])
@@ -692,7 +747,11 @@ async def profile_trio(
         tail = spy.tail() if spy is not None else ""
         bench.notes.append(f"profile: py-spy wrote nothing ({tail.strip()[-300:]})")
         return
-    bench.report.append(summarise_profile(out.read_text(errors="replace")))
+    raw_profile = out.read_text(errors="replace")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    kept = RESULTS_DIR / "compare_trio_profile.txt"
+    kept.write_text(raw_profile)
+    bench.report.append(summarise_profile(raw_profile) + f"\n  (collapsed stacks: {kept})")
 
 
 def summarise_profile(raw: str, top: int = 14) -> str:
@@ -715,7 +774,10 @@ def summarise_profile(raw: str, top: int = 14) -> str:
             incl[f] += n
     if not total:
         return "profile: no samples"
-    lines = [f"trio_router profile (py-spy, {total} samples while busy, c=32 small requests)"]
+    lines = [
+        f"trio_router profile (py-spy --gil: {total} samples holding the GIL, i.e. Python CPU;"
+        " c=32 small requests)"
+    ]
     lines.append("  self (where the CPU was):")
     lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in self_count.most_common(top)]
     lines.append("  inclusive (below 95%):")
@@ -733,7 +795,7 @@ async def stream_scenario(bench: Bench) -> None:
     args = bench.args
     bench.log(f" 2. streams: starting 2 workers ({args.stream_latency_ms:g} ms/token) + routers")
     workers = await start_workers(bench.children, "stream", latency_ms=args.stream_latency_ms)
-    routers = {
+    routers: dict[str, Router] = {
         t: await start_router(bench.children, t, "stream", workers, policy)
         for t, policy in (("trio", "least_inflight"), ("smg", "round_robin"))
         if t in bench.targets
@@ -770,6 +832,9 @@ async def stream_scenario(bench: Bench) -> None:
                     "ttfe_p99": percentile(sorted(tally.ttfe), 99) * 1e3,
                     "gap_p50": percentile(g, 50) * 1e3,
                     "gap_p99": percentile(g, 99) * 1e3,
+                    "coalesced": 100 * sum(1 for x in g if x < COALESCED) / len(g)
+                    if g
+                    else float("nan"),
                     "errors": float(w.errors),
                     "cpu_us": cpu_s / tally.events * 1e6 if tally.events else float("nan"),
                     "busy": 100 * w.busy,
@@ -786,7 +851,16 @@ async def stream_scenario(bench: Bench) -> None:
     rows = []
     stats: dict[str, dict[str, float]] = {}
     for target in TARGETS:
-        keys = ("streams_s", "events_s", "ttfe_p50", "ttfe_p99", "gap_p50", "gap_p99", "cpu_us")
+        keys = (
+            "streams_s",
+            "events_s",
+            "ttfe_p50",
+            "ttfe_p99",
+            "gap_p50",
+            "gap_p99",
+            "coalesced",
+            "cpu_us",
+        )
         s = {k: med([p[k] for p in per[target]]) for k in keys}
         s["errors"] = sum(p["errors"] for p in per[target]) if per[target] else float("nan")
         s["busy"] = med([p["busy"] for p in per[target]])
@@ -800,6 +874,7 @@ async def stream_scenario(bench: Bench) -> None:
                 cell(target, bench, s["ttfe_p99"], 2),
                 cell(target, bench, s["gap_p50"], 2),
                 cell(target, bench, s["gap_p99"], 2),
+                cell(target, bench, s["coalesced"]),
                 cell(target, bench, s["errors"], 0),
                 "-" if target == "direct" else cell(target, bench, s["cpu_us"]),
                 cell(target, bench, s["busy"], 0),
@@ -808,6 +883,7 @@ async def stream_scenario(bench: Bench) -> None:
         bench.fig(f"stream_ttfe_p50_ms_{target}", s["ttfe_p50"])
         bench.fig(f"stream_gap_p50_ms_{target}", s["gap_p50"])
         bench.fig(f"stream_gap_p99_ms_{target}", s["gap_p99"])
+        bench.fig(f"stream_coalesced_pct_{target}", s["coalesced"])
         bench.fig(f"stream_events_per_s_{target}", s["events_s"])
         bench.fig(f"stream_errors_{target}", s["errors"])
         if target != "direct":
@@ -825,12 +901,14 @@ async def stream_scenario(bench: Bench) -> None:
     )
     f = bench.figures
     tail = (
-        f"  trio/SMG: CPU per event x{na(f['stream_cpu_us_per_event_ratio'], 2)}, "
-        f"gap p99 x{na(f['stream_gap_p99_ratio_trio_over_smg'], 2)}, "
-        f"ttfe p50 x{na(f['stream_ttfe_p50_ratio_trio_over_smg'], 2)}"
+        f"  trio/SMG: CPU per event {times(f['stream_cpu_us_per_event_ratio'])}, "
+        f"gap p99 {times(f['stream_gap_p99_ratio_trio_over_smg'])}, "
+        f"ttfe p50 {times(f['stream_ttfe_p50_ratio_trio_over_smg'])}"
     )
-    headers = ["target", "streams/s", "events/s", "ttfe p50 ms", "ttfe p99 ms", "gap p50 ms",
-               "gap p99 ms", "errors", "router us/event", "busy%"]
+    headers = cols(
+        "target|streams/s|events/s|ttfe p50 ms|ttfe p99 ms|gap p50 ms|gap p99 ms|"
+        "coalesced %|errors|router us/event|busy%"
+    )
     bench.report.append("\n".join([head, table(headers, rows), tail]))
 
 
@@ -861,7 +939,7 @@ class R3Cell:
 
 
 def _r3_digest(body: bytes) -> tuple[str, int]:
-    """(digest, length) of ``meta_info.routed_experts`` in a /generate answer (``""``, 0 if none)."""
+    """(digest, length) of ``meta_info.routed_experts`` in an answer (``""``, 0 if none)."""
     try:
         meta = orjson.loads(body).get("meta_info") or {}
     except (orjson.JSONDecodeError, AttributeError):
@@ -872,25 +950,24 @@ def _r3_digest(body: bytes) -> tuple[str, int]:
     return hashlib.blake2b(experts.encode(), digest_size=16).hexdigest(), len(experts)
 
 
-async def r3_cell(
-    port: int, raw: bytes, n: int, pid: int | None, expected: int
-) -> R3Cell:
+async def r3_cell(port: int, raw: bytes, n: int, pid: int | None, expected: int) -> R3Cell:
     """``n`` sequential large requests on one connection (peak RSS and CPU of ``pid``)."""
     cell_ = R3Cell()
     request = encode_request("POST", port, "/generate", raw)
     conn = HttpConn(port)
     reset = False
+    cpu0 = 0.0
     if pid is not None:
         reset = reset_peak_rss(pid)
         cell_.rss_before_mb = proc_status_kb(pid, "VmRSS") * 1024 / MB
-        cpu0 = cpu_seconds(pid)
+        cpu0 = cpu_seconds_fine(pid)
     try:
         for _ in range(n):
             t0 = time.perf_counter()
             try:
                 with trio.fail_after(R3_TIMEOUT):
                     status, body = await conn.request(request)
-            except (*REQUEST_ERRORS, trio.TooSlowError):
+            except PROBE_ERRORS:
                 await conn.aclose()
                 cell_.bad += 1
                 continue
@@ -903,7 +980,7 @@ async def r3_cell(
     finally:
         await conn.aclose()
     if pid is not None:
-        cell_.cpu_s = cpu_seconds(pid) - cpu0
+        cell_.cpu_s = cpu_seconds_fine(pid) - cpu0
         peak = proc_status_kb(pid, "VmHWM") * 1024 / MB
         cell_.growth_mb = peak - cell_.rss_before_mb if reset else float("nan")
     return cell_
@@ -924,7 +1001,7 @@ async def r3_scenario(bench: Bench) -> None:
     args = bench.args
     bench.log(f" 3. R3 payloads {args.r3_sizes} MB: starting 2 workers (flag-counting) + routers")
     workers = await start_workers(bench.children, "r3", latency_ms=0.0, r3=True)
-    routers = {
+    routers: dict[str, Router] = {
         t: await start_router(bench.children, t, "r3", workers, "round_robin")
         for t in ("trio", "smg")
         if t in bench.targets
@@ -958,7 +1035,12 @@ async def r3_scenario(bench: Bench) -> None:
                         port, pid = workers[rnd % 2].port, None
                     else:
                         port, pid = routers[target].port, routers[target].pid
+                    before = await r3_flags(workers)
                     c = await r3_cell(port, raw, n, pid, expected)
+                    after = await r3_flags(workers)
+                    if target != "direct":
+                        s, i = flags.get(target, (0, 0))
+                        flags[target] = (s + after[0] - before[0], i + after[1] - before[1])
                     cells.setdefault((size, target), []).append(c)
                     bench.log(
                         f"  r3 {size:>3} MB round {rnd + 1} {target:<6} p50 "
@@ -990,7 +1072,6 @@ def r3_report(
         for target in TARGETS:
             cs = cells.get((size, target), [])
             lat = med([percentile(sorted(c.latencies), 50) * 1e3 for c in cs])
-            n_req = sum(len(c.latencies) + c.bad - len(c.latencies) for c in cs) or 1
             s = {
                 "lat": lat,
                 "bytes": med([float(b) for c in cs for b in c.body_bytes]),
@@ -1000,8 +1081,9 @@ def r3_report(
                 "cpu_ms": med([c.cpu_s / max(1, len(c.latencies)) * 1e3 for c in cs]),
                 "bad": float(sum(c.bad for c in cs)),
             }
-            del n_req
-            intact = bool(cs) and s["bad"] == 0 and all(d == ref and d for c in cs for d in c.digests)
+            intact = (
+                bool(cs) and s["bad"] == 0 and all(d == ref and d for c in cs for d in c.digests)
+            )
             stats[target] = s
             seen, injected = flags.get(target, (0, 0))
             flag = "-" if target == "direct" else f"{seen}/{seen + injected}"
@@ -1013,7 +1095,9 @@ def r3_report(
                     cell(target, bench, s["bytes"], 0),
                     "-" if target == "direct" else cell(target, bench, body_delta, 0),
                     cell(target, bench, s["lat"]),
-                    "-" if target == "direct" else cell(target, bench, s["lat"] - stats["direct"]["lat"]),
+                    "-"
+                    if target == "direct"
+                    else cell(target, bench, s["lat"] - stats["direct"]["lat"]),
                     "-" if target == "direct" else cell(target, bench, s["cpu_ms"]),
                     "-" if target == "direct" else cell(target, bench, s["rss_before"]),
                     "-" if target == "direct" else cell(target, bench, s["growth"]),
@@ -1045,9 +1129,10 @@ def r3_report(
         f"{args.r3_requests} per cell (100 MB: one fewer) x {args.rounds} rounds (medians); "
         "growth = VmHWM - VmRSS before (MB = 1e6 B)"
     )
-    headers = ["size", "target", "body bytes", "vs direct", "p50 ms", "added ms",
-               "router cpu ms/req", "RSS before MB", "growth MB", "growth max", "R3 intact",
-               "flag fwd"]
+    headers = cols(
+        "size|target|body bytes|vs direct|p50 ms|added ms|router cpu ms/req|RSS before MB|"
+        "growth MB|growth max|R3 intact|flag fwd"
+    )
     note = (
         "  flag fwd = requests whose return_routed_experts reached the worker / requests; "
         "where it did not, the worker layer set it (see the module docstring)."
@@ -1081,10 +1166,8 @@ async def sticky_run(
             for key in jobs:
                 try:
                     with trio.fail_after(REQUEST_TIMEOUT):
-                        status, body = await conn.request(
-                            with_headers(base, {ROUTING_HEADER: key})
-                        )
-                except (*REQUEST_ERRORS, trio.TooSlowError):
+                        status, body = await conn.request(with_headers(base, {ROUTING_HEADER: key}))
+                except PROBE_ERRORS:
                     await conn.aclose()
                     errors += 1
                     continue
@@ -1112,7 +1195,7 @@ async def sticky_scenario(bench: Bench) -> None:
     args = bench.args
     bench.log(f" 4. sticky: {args.sticky_keys} keys x {args.sticky_reps}: 2 workers + routers")
     workers = await start_workers(bench.children, "sticky", latency_ms=0.0)
-    routers = {
+    routers: dict[str, Router] = {
         t: await start_router(bench.children, t, "sticky", workers, policy)
         for t, policy in (("trio", "sticky"), ("smg", "manual"))
         if t in bench.targets
@@ -1122,9 +1205,11 @@ async def sticky_scenario(bench: Bench) -> None:
         for rnd in range(args.rounds):
             for target in rotated(bench.routers, rnd):
                 keys = [f"r{rnd}-{target}-session-{i:04d}" for i in range(args.sticky_keys)]
+                cpu0 = cpu_seconds(routers[target].pid)
                 served, errors, secs = await sticky_run(
                     routers[target].port, keys, args.sticky_reps, 32, seed=rnd
                 )
+                cpu_s = cpu_seconds(routers[target].pid) - cpu0
                 total = sum(sum(c.values()) for c in served.values())
                 by_req = Counter[str]()
                 by_key = Counter[str]()
@@ -1143,6 +1228,7 @@ async def sticky_scenario(bench: Bench) -> None:
                     "stickiness": sticky / len(complete) if complete else float("nan"),
                     "split_keys": float(len(complete) - sticky),
                     "rps": total / secs,
+                    "cpu_us": cpu_s / total * 1e6 if total else float("nan"),
                 }
                 per[target].append(s)
                 bench.log(
@@ -1155,11 +1241,21 @@ async def sticky_scenario(bench: Bench) -> None:
     rows = []
     for target in TARGETS:
         if target == "direct":
-            rows.append([LABEL[target], *(["n/a (no routing)"] + ["-"] * 6)])
+            rows.append([LABEL[target], *(["n/a (no routing)"] + ["-"] * 7)])
             continue
         ps = per[target]
-        s = {k: med([p[k] for p in ps]) for k in ("requests", "req_share_a", "key_share_a",
-                                                   "stickiness", "split_keys", "rps")}
+        s = {
+            k: med([p[k] for p in ps])
+            for k in (
+                "requests",
+                "req_share_a",
+                "key_share_a",
+                "stickiness",
+                "split_keys",
+                "rps",
+                "cpu_us",
+            )
+        }
         s["errors"] = sum(p["errors"] for p in ps) if ps else float("nan")
         req_a, key_a = s["req_share_a"], s["key_share_a"]
         rows.append(
@@ -1172,20 +1268,24 @@ async def sticky_scenario(bench: Bench) -> None:
                 cell(target, bench, s["stickiness"], 4),
                 cell(target, bench, s["split_keys"], 0),
                 cell(target, bench, s["rps"], 0),
+                cell(target, bench, s["cpu_us"]),
             ]
         )
         bench.fig(f"sticky_stickiness_{target}", s["stickiness"])
         bench.fig(f"sticky_request_share_max_{target}", max(req_a, 1 - req_a))
         bench.fig(f"sticky_key_share_max_{target}", max(key_a, 1 - key_a))
         bench.fig(f"sticky_errors_{target}", s["errors"])
+        bench.fig(f"sticky_cpu_us_{target}", s["cpu_us"])
         bench.plots.setdefault("sticky", {})[target] = (req_a, key_a, s["stickiness"])
     head = (
         f"4. sticky routing: {args.sticky_keys} keys ({ROUTING_HEADER}) x {args.sticky_reps} "
         f"requests each, shuffled, 32 clients, {args.rounds} rounds with fresh keys (medians); "
         "trio_router --policy sticky, SMG --policy manual"
     )
-    headers = ["target", "requests", "errors", "requests v-a / v-b", "keys v-a / v-b",
-               "stickiness", "split keys", "req/s"]
+    headers = cols(
+        "target|requests|errors|requests v-a / v-b|keys v-a / v-b|stickiness|split keys|req/s|"
+        "router us/req"
+    )
     bench.report.append("\n".join([head, table(headers, rows)]))
 
 
@@ -1209,8 +1309,9 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
-def failure_signals(target: str, samples: Sequence[tuple[str, dict[str, str], float]], dead: str
-                    ) -> tuple[float, bool]:
+def failure_signals(
+    target: str, samples: Sequence[tuple[str, dict[str, str], float]], dead: str
+) -> tuple[float, bool]:
     """(failed attempts counted by the router, dead worker out of rotation?) from its metrics."""
     failed = 0.0
     out = False
@@ -1219,9 +1320,10 @@ def failure_signals(target: str, samples: Sequence[tuple[str, dict[str, str], fl
         if target == "smg":
             if name == "smg_worker_cb_outcomes_total" and worker == dead:
                 failed += value if labels.get("outcome") == "failure" else 0.0
-            elif name == "smg_worker_cb_state" and worker == dead and value != 0:
-                out = True
-            elif name == "smg_worker_health" and worker == dead and value == 0:
+            elif worker == dead and (
+                (name == "smg_worker_cb_state" and value != 0)
+                or (name == "smg_worker_health" and value == 0)
+            ):
                 out = True
         else:
             if name == "trio_router_retries_total":
@@ -1243,7 +1345,7 @@ class KillRun:
     slow: int = 0
     median_ms: float = float("nan")
     max_ms: float = float("nan")
-    last_client_ms: float = float("nan")  # after the kill: end of the last error/slow request
+    last_client_ms: float = float("nan")  # after the kill: end of the last failed request
     last_router_ms: float = float("nan")  # last increase of the router's failure counter
     out_ms: float = float("nan")  # router metrics first show the worker out of rotation
     router_failed: float = float("nan")
@@ -1285,7 +1387,7 @@ async def kill_once(bench: Bench, target: str, rnd: int) -> KillRun:
                         samples = parse_prometheus(body.decode("utf-8", "replace"))
                         failed, out = failure_signals(target, samples, victim.url)
                         polls.append((time.perf_counter(), failed, out))
-                except (*REQUEST_ERRORS, trio.TooSlowError):
+                except PROBE_ERRORS:
                     pass
                 finally:
                     await conn.aclose()
@@ -1320,16 +1422,14 @@ async def kill_once(bench: Bench, target: str, rnd: int) -> KillRun:
     for t0, dt, ok in w.records:
         slow = ok and dt > SLOW_FACTOR * median
         run.slow += int(slow)
-        if (slow or not ok) and t0 + dt >= t_kill:
+        if not ok and t0 + dt >= t_kill:
             bad_ends.append(t0 + dt)
     run.last_client_ms = (max(bad_ends) - t_kill) * 1e3 if bad_ends else float("nan")
     if polls:
         before_kill = [p for p in polls if p[0] <= t_kill]
         base = before_kill[-1][1] if before_kill else 0.0
         run.router_failed = polls[-1][1] - base
-        rises = [t for (t, v), (_t, prev) in zip(
-            [(p[0], p[1]) for p in polls[1:]], [(p[0], p[1]) for p in polls[:-1]], strict=True
-        ) if v > prev and t >= t_kill]
+        rises = [b[0] for a, b in pairwise(polls) if b[1] > a[1] and b[0] >= t_kill]
         run.last_router_ms = (max(rises) - t_kill) * 1e3 if rises else float("nan")
         outs = [p[0] for p in polls if p[2] and p[0] >= t_kill]
         run.out_ms = (min(outs) - t_kill) * 1e3 if outs else float("nan")
@@ -1390,13 +1490,15 @@ async def kill_scenario(bench: Bench) -> None:
         f"loop, {args.kill_duration:g} s, workers {args.kill_latency_ms:g} ms/token x 4 tokens; "
         f"times in ms after the kill; slow = > {SLOW_FACTOR:g}x pre-kill median"
     )
-    headers = ["target", "round", "requests", "errors", "slow", "median ms", "max ms",
-               "last client-seen", "last router-seen", "last failure", "out ms",
-               "router failures"]
+    headers = cols(
+        "target|round|requests|errors|slow|median ms|max ms|last client error|"
+        "last router-seen|last failure|out ms|router failures"
+    )
     note = (
-        "  last client-seen = end of the last error or slow request; last router-seen = last rise"
-        f" of the router's failure counter (polled every {METRICS_POLL * 1e3:.0f} ms);"
-        " direct clients stay pinned to the dead worker."
+        "  last client error = end of the last failed request; last router-seen = last rise of"
+        f" the router's failure counter (polled every {METRICS_POLL * 1e3:.0f} ms); last failure"
+        " = the later of the two; slow requests include ones delayed by CPU contention, not only"
+        " by retries; direct clients stay pinned to the dead worker."
     )
     bench.report.append("\n".join([head, table(headers, rows), note]))
 
@@ -1485,8 +1587,9 @@ def write_plots(bench: Bench) -> list[str]:
         save(fig, "sticky")
     if kill := bench.plots.get("kill"):
         fig, axes = plt.subplots(len(kill), 1, figsize=(10, 2.6 * len(kill)), sharex=True)
-        for ax, (t, timeline) in zip(list(axes) if len(kill) > 1 else [axes], kill.items(),
-                                     strict=True):
+        for ax, (t, timeline) in zip(
+            list(axes) if len(kill) > 1 else [axes], kill.items(), strict=True
+        ):
             ok = [(x, dt * 1e3) for x, dt, good in timeline if good]
             bad = [(x, dt * 1e3) for x, dt, good in timeline if not good]
             if ok:
@@ -1502,11 +1605,11 @@ def write_plots(bench: Bench) -> list[str]:
     return written
 
 
-# ---------------------------------------------------------------- the R3 worker mode
+# ---------------------------------------------------------------- the worker process
 
 
 class FlagCounter:
-    """ASGI layer over ``SimWorker``: counts/sets ``return_routed_experts`` on ``/generate``."""
+    """ASGI layer: counts ``return_routed_experts`` on ``/generate`` and sets it if missing."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -1515,27 +1618,19 @@ class FlagCounter:
 
     async def __call__(self, scope: Mapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/bench/r3":
-            body = orjson.dumps({"seen": self.seen, "injected": self.injected})
-            start = {"type": "http.response.start", "status": 200, "headers": []}
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
+            counts = orjson.dumps({"seen": self.seen, "injected": self.injected})
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": counts})
             return
         if scope["type"] != "http" or scope["path"] != "/generate":
             await self.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
-        try:
+        raw = await _read_all(receive)
+        if raw is None:
+            return
+        body: Any = None
+        with contextlib.suppress(orjson.JSONDecodeError):
             body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = None
         if isinstance(body, dict):
             if body.get("return_routed_experts") is True:
                 self.seen += 1
@@ -1543,31 +1638,77 @@ class FlagCounter:
                 self.injected += 1
                 body["return_routed_experts"] = True
                 raw = orjson.dumps(body)
-        replayed = False
-
-        async def replay() -> Mapping[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            message: Mapping[str, Any] = await receive()
-            return message
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replay(raw, receive), send)
 
 
-def r3_worker_main(argv: Sequence[str]) -> int:
-    """``compare.py --r3-worker --port P ...``: a SimWorker (bytes tokenizer) + FlagCounter."""
+async def _read_all(receive: Any) -> bytes | None:
+    """The whole ASGI request body (None if the client went away first)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(raw: bytes, receive: Any) -> Callable[[], Awaitable[Mapping[str, Any]]]:
+    """An ASGI ``receive`` that gives ``raw`` as the body, then defers to ``receive``."""
+    replayed = False
+
+    async def replay() -> Mapping[str, Any]:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        message: Mapping[str, Any] = await receive()
+        return message
+
+    return replay
+
+
+def _http1_only() -> None:
+    """Make hypercorn (in this process) close connections that start speaking HTTP/2.
+
+    SMG 0.3.2 probes every worker port with two gRPC (h2c) health checks when it registers
+    it. hypercorn 0.18 on trio answers them with HTTP/2 and, racing with the probe closing,
+    can raise out of a connection handler (``KeyError`` for a DATA frame on a stream it
+    already closed, ``BusyResourceError`` from two concurrent sends), which ends the whole
+    server: the worker dies while SMG registers it. Real SGLang workers (uvicorn) speak
+    HTTP/1.1 only, so this process does the same: an HTTP/2 preface or an h2c upgrade closes
+    the connection. Nothing else changes; all the measured traffic is HTTP/1.1.
+    """
+    from hypercorn.events import Closed
+    from hypercorn.protocol import ProtocolWrapper
+    from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError
+
+    async def handle(self: Any, event: Any) -> None:
+        try:
+            await self.protocol.handle(event)
+        except (H2ProtocolAssumedError, H2CProtocolRequiredError):
+            await self.send(Closed())
+
+    ProtocolWrapper.handle = handle  # type: ignore[method-assign]
+
+
+def sim_worker_main(argv: Sequence[str]) -> int:
+    """``compare.py --sim-worker --port P ...``: trio_router's SimWorker (bytes tokenizer).
+
+    The same app and hypercorn settings as ``python -m trio_router worker``, HTTP/1.1 only
+    (see ``_http1_only``) and, with ``--count-r3``, behind ``FlagCounter``.
+    """
     import hypercorn.config
     import hypercorn.trio
 
     from trio_router.sim.tokenizer import ByteTokenizer
     from trio_router.sim.worker import SimWorker, SimWorkerConfig
 
-    parser = argparse.ArgumentParser(prog="compare.py --r3-worker")
+    parser = argparse.ArgumentParser(prog="compare.py --sim-worker")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--weight-version", default="v0")
     parser.add_argument("--latency-per-token-ms", type=float, default=0.0)
+    parser.add_argument("--count-r3", action="store_true")
     args = parser.parse_args(argv)
     config = SimWorkerConfig(
         host="127.0.0.1",
@@ -1576,7 +1717,9 @@ def r3_worker_main(argv: Sequence[str]) -> int:
         latency_per_token_ms=args.latency_per_token_ms,
         tokenizer="bytes",
     )
-    app = FlagCounter(SimWorker(config, ByteTokenizer()))
+    sim = SimWorker(config, ByteTokenizer())
+    app: Any = FlagCounter(sim) if args.count_r3 else sim
+    _http1_only()
     hc = hypercorn.config.Config()
     hc.bind = [f"127.0.0.1:{args.port}"]
     hc.accesslog = None
@@ -1586,7 +1729,7 @@ def r3_worker_main(argv: Sequence[str]) -> int:
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(hypercorn.trio.serve, app, hc)
-            print(f"r3 worker listening on 127.0.0.1:{args.port}", flush=True)
+            print(f"simulated SGLang worker listening on 127.0.0.1:{args.port}", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
@@ -1628,8 +1771,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("small", "stream", "r3", "sticky", "kill"),
         default=["small", "stream", "r3", "sticky", "kill"],
     )
-    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
-                        help="py-spy trio_router for this long at c=32 after scenario 1")
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="py-spy trio_router for this long at c=32 after scenario 1",
+    )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write figures as JSON")
     args = parser.parse_args(argv)
@@ -1658,6 +1806,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def git_state() -> str:
+    """Commit of the project and whether trio_router/ has uncommitted changes (what ran)."""
+    repo = BENCH_DIR.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "trio_router"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "git state unknown"
+    changed = len(dirty.splitlines())
+    return f"trio_router at {head or '?'}" + (f" + {changed} uncommitted files" if changed else "")
+
+
 def print_figures(figures: Mapping[str, float | None]) -> None:
     for name, value in figures.items():
         print(f"{name}={'n/a' if value is None else f'{value:.3f}'}")
@@ -1677,10 +1849,11 @@ async def run(bench: Bench) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--r3-worker"]:
-        return r3_worker_main(argv[1:])
+    if argv[:1] == ["--sim-worker"]:
+        return sim_worker_main(argv[1:])
     args = parse_args(argv)
     began = time.perf_counter()
+    state = git_state()
 
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - began:6.1f}s]{line}", file=sys.stderr, flush=True)
@@ -1690,7 +1863,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.setup or not args.no_smg:
         problem = setup_smg(log)
         if args.setup:
-            print(f"SMG setup failed: {problem}" if problem else f"SMG {SMG_VERSION} ready in {SMG_VENV}")
+            print(
+                f"SMG setup failed: {problem}"
+                if problem
+                else f"SMG {SMG_VERSION} ready in {SMG_VENV}"
+            )
             return 1 if problem else 0
         if problem:
             smg_note = (
@@ -1722,7 +1899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plots = [] if args.no_plots else write_plots(bench)
     print(
         f"trio_router vs {LABEL['smg']} vs direct; {os.cpu_count()} CPUs; Python "
-        f"{sys.version.split()[0]}; rounds {args.rounds}{' (quick)' if args.quick else ''}"
+        f"{sys.version.split()[0]}; rounds {args.rounds}{' (quick)' if args.quick else ''}; "
+        f"{state}"
     )
     print()
     print("\n\n".join(bench.report))

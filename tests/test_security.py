@@ -244,6 +244,6 @@ async def test_a_broken_http2_upload_closes_its_connection_not_the_router(nurser
         async with httpx.AsyncClient(http1=False, http2=True) as h2:
             # the connection may be reset; what matters is that the router stays up
             with contextlib.suppress(httpx.HTTPError):
-                await h2.post(running.url + "/add_worker", content=b"x" * 200_000)
+                await h2.post(running.url + "/retrieve_from_text", content=b"x" * 200_000)
         health = await client.get(running.url + "/health")
     assert health.status_code == 200

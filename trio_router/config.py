@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .policies import POLICY_NAMES
 
 MiB = 1024 * 1024
+UPSTREAM_CLIENTS = ("h11", "httpcore")
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -57,6 +58,11 @@ class RouterConfig:
     max_connections: int = option(1024, "upstream connections kept open to all workers together")
     keepalive_expiry: float = option(
         4.0, "seconds an idle upstream connection is kept (below SGLang's 5 s keep-alive)"
+    )
+    upstream_client: str = option(
+        "h11",
+        "data-plane HTTP client: h11 (lean, default) or httpcore",
+        choices=UPSTREAM_CLIENTS,
     )
     max_body_size: int = option(32 * MiB, "largest request body accepted, in bytes (413 beyond)")
     graceful_timeout: float = option(
@@ -154,6 +160,8 @@ class RouterConfig:
             found.append(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
         if self.policy not in POLICY_NAMES:
             found.append(f"policy must be one of {', '.join(POLICY_NAMES)}, not {self.policy!r}")
+        if self.upstream_client not in UPSTREAM_CLIENTS:
+            found.append(f"upstream_client must be h11 or httpcore, not {self.upstream_client!r}")
         for name in (
             "health_check_interval",
             "health_check_timeout",

@@ -19,6 +19,7 @@ import trio
 
 from .config import RouterConfig
 from .errors import BadRequest, ConfigError, RouterError
+from .h11_upstream import H11Upstream
 from .health import HealthChecker, Probe, http_probe
 from .hooks import Middleware, MiddlewareChain, load_middleware
 from .metrics import CacheCollector, Metrics
@@ -31,7 +32,7 @@ from .sessions import SessionTable
 from .supervise import ServiceBoard, supervise
 from .token_cache import CacheSettings, TokenCache
 from .tokenizer import Tokenizer, load_tokenizer
-from .upstream import Upstream, UpstreamLimits
+from .upstream import Upstream, UpstreamClient, UpstreamLimits
 
 
 class Router:
@@ -79,12 +80,13 @@ class Router:
             on_transition=self._count_transition,
             on_result=self._count_probe,
         )
-        self.upstream = Upstream(
-            UpstreamLimits(
-                max_connections=config.max_connections,
-                keepalive_expiry=config.keepalive_expiry,
-                connect_timeout=config.connect_timeout,
-            )
+        limits = UpstreamLimits(
+            max_connections=config.max_connections,
+            keepalive_expiry=config.keepalive_expiry,
+            connect_timeout=config.connect_timeout,
+        )
+        self.upstream: UpstreamClient = (
+            Upstream(limits) if config.upstream_client == "httpcore" else H11Upstream(limits)
         )
         self.token_cache: TokenCache | None = None
         self.sessions: SessionFrontend | None = None

@@ -1,17 +1,20 @@
-"""The data-plane client to workers: one pooled httpcore connection pool.
+"""The data-plane client to workers: what the proxy needs of it, and the httpcore one.
 
-httpx is a convenience layer over httpcore; the proxy needs none of it (no
-redirects, cookies or URL parsing per request), so the hot path talks to
-httpcore's pool directly and gets bytes in, bytes out. Errors are translated
-here, at the boundary, into the router's own tree.
+``UpstreamClient`` and ``UpstreamResponse`` are all the proxy relies on. Two
+clients provide them: ``h11_upstream.H11Upstream`` (the default, a lean pool of
+its own) and ``Upstream`` here, over httpcore's pool (``--upstream-client
+httpcore``). httpx is a convenience layer over httpcore; the proxy needs none of
+it (no redirects, cookies or URL parsing per request), so ``Upstream`` talks to
+httpcore's pool directly and gets bytes in, bytes out. Errors are translated at
+this boundary into the router's own tree.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httpcore
@@ -33,6 +36,39 @@ class UpstreamLimits:
     connect_timeout: float = 5.0
     pool_timeout: float = 30.0
     write_timeout: float = 60.0
+
+
+class UpstreamResponse(Protocol):
+    """A worker's response: status, headers, and the body as chunks as they arrive.
+
+    Iterated to the end, its connection may be reused; ``aclose`` before that
+    closes the connection (the worker sees the disconnect).
+    """
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    url: str
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def __anext__(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class UpstreamClient(Protocol):
+    """Sends requests to workers; errors come as the router's ``UpstreamError`` tree."""
+
+    def stream(
+        self,
+        base_url: str,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> AbstractAsyncContextManager[UpstreamResponse]: ...
+
+    async def aclose(self) -> None: ...
 
 
 @contextmanager
@@ -92,7 +128,7 @@ class Upstream:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-    ) -> AsyncIterator[UpstreamResponse]:
+    ) -> AsyncIterator[HttpcoreResponse]:
         """Open a response from ``base_url``; it is closed when the block exits.
 
         ``target`` is the path plus query; ``headers`` must not carry host or
@@ -114,7 +150,7 @@ class Upstream:
         )
         with upstream_errors(base_url):
             response = await self.pool.handle_async_request(request)
-        wrapped = UpstreamResponse(response, base_url)
+        wrapped = HttpcoreResponse(response, base_url)
         try:
             yield wrapped
         finally:
@@ -125,7 +161,7 @@ class Upstream:
         await self.pool.aclose()
 
 
-class UpstreamResponse:
+class HttpcoreResponse:
     """A worker's response: status, headers and the body as an async iterator of chunks."""
 
     __slots__ = ("_chunks", "_response", "headers", "status", "url")
@@ -138,7 +174,7 @@ class UpstreamResponse:
         # httpcore's body is an async generator: keep it so it can be closed explicitly
         self._chunks = cast(AsyncIterable[bytes], response.stream).__aiter__()
 
-    def __aiter__(self) -> UpstreamResponse:
+    def __aiter__(self) -> HttpcoreResponse:
         return self
 
     async def __anext__(self) -> bytes:
