@@ -1,0 +1,491 @@
+"""A lean HTTP/1.1 client to workers: hand-built requests, h11-parsed responses, a small pool.
+
+httpcore's pool re-examines every idle connection on every request (a readability
+poll each, plus list juggling), which cost about a third of the router's CPU per
+small request. Here each origin keeps a deque of idle connections: a request pops
+the most recently used one, checks only that one (a zero-timeout poll: did the
+worker close it or send stray bytes?) and pushes it back once its response was
+read to the end. Expired connections are dropped from the deque's old end.
+
+The request head is built by hand (the proxy already holds validated bytes); h11
+parses the response. A request that fails on a reused connection before any byte
+of an answer arrived is sent once more on a fresh connection: the worker closed the
+idle connection as we reused it (the race every keep-alive client has).
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+from collections import deque
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from .errors import (
+    NoHealthyWorker,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from .upstream import UpstreamLimits
+
+RECEIVE_SIZE = 65536
+COALESCE = 65536  # a body up to this size goes out in one send with the head
+MAX_HEAD = 65536  # largest response head accepted
+NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
+_EOM = h11.EndOfMessage()
+_SHADOW_HEADERS = [(b"host", b"upstream")]
+_shadows: dict[bytes, h11.Request] = {}
+
+
+def _shadow(method: bytes) -> h11.Request:
+    """A stand-in h11 request for ``method``: the real head is sent by hand, but h11
+    needs to know what was asked (a HEAD answer has no body) and that a request was
+    sent, to frame the response and start the next cycle."""
+    request = _shadows.get(method)
+    if request is None:
+        request = h11.Request(method=method, target=b"/", headers=_SHADOW_HEADERS)
+        if len(_shadows) < 64:
+            _shadows[method] = request
+    return request
+
+
+class _Origin:
+    """Where connections go (scheme, host, port) and its idle ones, oldest first."""
+
+    __slots__ = ("host", "host_header", "idle", "port", "tls")
+
+    def __init__(self, tls: bool, host: str, port: int) -> None:
+        self.tls = tls
+        self.host = host
+        self.port = port
+        name = f"[{host}]" if ":" in host else host
+        default = 443 if tls else 80
+        self.host_header = (name if port == default else f"{name}:{port}").encode("idna")
+        self.idle: deque[Connection] = deque()
+
+
+class Connection:
+    """One connection to a worker; ``h11`` tracks its current request/response cycle."""
+
+    __slots__ = ("_closed", "_idle", "_pool", "h11", "idle_since", "origin", "poller", "stream")
+
+    def __init__(self, pool: ConnectionPool, origin: _Origin, stream: trio.abc.Stream) -> None:
+        self._pool = pool
+        self.origin = origin
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.idle_since = 0.0
+        self._closed = False
+        self._idle = False
+        # TLS may deliver records (session tickets) on an idle connection: only poll plain TCP.
+        self.poller: select.poll | None = None
+        if isinstance(stream, trio.SocketStream):
+            self.poller = select.poll()
+            self.poller.register(stream.socket.fileno(), select.POLLIN)
+
+    def is_idle(self) -> bool:
+        return self._idle
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close at once (no TLS goodbye) and free its slot; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._idle = False
+        stream = self.stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()
+        self._pool.forget(self)
+
+
+class ConnectionPool:
+    """Idle connections per origin, and a bound on open connections to all of them."""
+
+    def __init__(self, limits: UpstreamLimits) -> None:
+        self.limits = limits
+        self._expiry = limits.keepalive_expiry
+        self._origins: dict[tuple[bool, str, int], _Origin] = {}
+        self._by_url: dict[str, _Origin] = {}
+        self._slots = trio.Semaphore(limits.max_connections)
+        self._waiting = 0
+        self._open: set[Connection] = set()
+        self._next_sweep = 0.0
+        self._closed = False
+        self._ssl: ssl.SSLContext | None = None
+
+    @property
+    def connections(self) -> list[Connection]:
+        """Every open connection, idle or in use."""
+        return list(self._open)
+
+    def origin(self, base_url: str) -> _Origin:
+        origin = self._by_url.get(base_url)
+        if origin is None:
+            parts = urlsplit(base_url)
+            tls = parts.scheme == "https"
+            key = (tls, parts.hostname or "", parts.port or (443 if tls else 80))
+            origin = self._origins.get(key)
+            if origin is None:
+                origin = self._origins[key] = _Origin(*key)
+            if len(self._by_url) > 4096:
+                self._by_url.clear()
+            self._by_url[base_url] = origin
+        return origin
+
+    def checkout(self, origin: _Origin) -> Connection | None:
+        """The most recently used live idle connection to ``origin``, if any."""
+        now = trio.current_time()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        idle = origin.idle
+        while idle:
+            conn = idle.pop()
+            conn._idle = False
+            if now - conn.idle_since < self._expiry and (
+                conn.poller is None or not conn.poller.poll(0)
+            ):
+                return conn
+            conn.close()  # expired, closed by the worker, or stray bytes
+        return None
+
+    def release(self, conn: Connection) -> None:
+        """Keep ``conn`` for the next request if its exchange ended cleanly, else close it."""
+        state = conn.h11
+        if (
+            state.our_state is h11.DONE
+            and state.their_state is h11.DONE
+            and not self._waiting
+            and not self._closed
+            and self._expiry > 0
+            and not state.trailing_data[0]
+        ):
+            state.start_next_cycle()
+            conn.idle_since = trio.current_time()
+            conn._idle = True
+            conn.origin.idle.append(conn)
+        else:
+            conn.close()  # with tasks waiting for a slot, hand them this one
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` was closed: free its slot."""
+        self._open.discard(conn)
+        self._slots.release()
+
+    async def connect(self, origin: _Origin, url: str) -> Connection:
+        """A new connection to ``origin``, once a slot is free (``NoHealthyWorker`` if none
+        frees up within the pool timeout)."""
+        await self._acquire_slot()
+        limits = self.limits
+        stream: trio.abc.Stream | None = None
+        try:
+            with trio.move_on_after(limits.connect_timeout) as scope:
+                stream = tcp = await trio.open_tcp_stream(origin.host, origin.port)
+                if origin.tls:
+                    stream = trio.SSLStream(tcp, self._ssl_context(), server_hostname=origin.host)
+                    await stream.do_handshake()
+        except BaseException as exc:
+            self._slots.release()
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, (OSError, trio.BrokenResourceError)):
+                raise UpstreamConnectError(
+                    f"cannot connect to worker {url}: {exc or 'refused'}"
+                ) from exc
+            raise
+        if scope.cancelled_caught or stream is None:
+            self._slots.release()
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise UpstreamConnectError(
+                f"cannot connect to worker {url}: timed out after {limits.connect_timeout:g} s"
+            )
+        conn = Connection(self, origin, stream)
+        self._open.add(conn)
+        return conn
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    async def _acquire_slot(self) -> None:
+        try:
+            self._slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        while self._evict_one():  # an idle connection elsewhere may give up its slot
+            try:
+                self._slots.acquire_nowait()
+                return
+            except trio.WouldBlock:
+                pass
+        self._waiting += 1
+        try:
+            with trio.move_on_after(self.limits.pool_timeout):
+                await self._slots.acquire()
+                return
+        finally:
+            self._waiting -= 1
+        raise NoHealthyWorker("all upstream connections are busy; try again")
+
+    def _evict_one(self) -> bool:
+        """Close the oldest idle connection of any origin; False if there is none."""
+        oldest: _Origin | None = None
+        for origin in self._origins.values():
+            if origin.idle and (
+                oldest is None or origin.idle[0].idle_since < oldest.idle[0].idle_since
+            ):
+                oldest = origin
+        if oldest is None:
+            return False
+        oldest.idle.popleft().close()
+        return True
+
+    def _sweep(self, now: float) -> None:
+        """Close expired idle connections of every origin (at most once per expiry period)."""
+        self._next_sweep = now + max(self._expiry, 0.5)
+        for origin in self._origins.values():
+            idle = origin.idle
+            while idle and now - idle[0].idle_since >= self._expiry:
+                idle.popleft().close()
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in list(self._open):
+            conn.close()
+        for origin in self._origins.values():
+            origin.idle.clear()
+
+
+class H11Response:
+    """A worker's response: status, headers (lower-case names) and the body as chunks,
+    yielded as they arrive. Read to the end, its connection goes back to the pool;
+    closed early (or on any error or cancellation), the connection is closed."""
+
+    __slots__ = ("_conn", "_pool", "_state", "headers", "status", "url")
+
+    def __init__(
+        self, head: h11.Response, url: str, conn: Connection, pool: ConnectionPool
+    ) -> None:
+        self.status = head.status_code
+        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self.url = url
+        self._conn: Connection | None = conn
+        self._pool = pool
+        self._state = 0  # 0 reading, 1 complete, 2 closed early
+
+    def __aiter__(self) -> H11Response:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            if self._state == 1:
+                raise StopAsyncIteration
+            raise UpstreamProtocolError(f"response from worker {self.url} was closed")
+        state = conn.h11
+        try:
+            while True:
+                event = state.next_event()
+                if event is h11.NEED_DATA:
+                    data = await conn.stream.receive_some(RECEIVE_SIZE)
+                    state.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
+                    continue
+                kind = type(event)
+                if kind is h11.Data:
+                    data = event.data  # type: ignore[union-attr]
+                    if data:
+                        return bytes(data)
+                    continue
+                if kind is h11.EndOfMessage:
+                    break
+                raise trio.BrokenResourceError("the connection closed mid-response")
+        except BaseException as exc:
+            self._conn = None
+            self._state = 2
+            conn.close()
+            if isinstance(exc, BROKEN):
+                raise UpstreamProtocolError(
+                    f"worker {self.url} broke the connection: {exc}"
+                ) from exc
+            raise
+        self._conn = None
+        self._state = 1
+        self._pool.release(conn)
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Close the response; an unfinished one closes its connection."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            self._state = 2
+            conn.close()
+
+
+class _Unanswered(Exception):
+    """The connection failed before any byte of a response arrived."""
+
+
+class _Exchange(AbstractAsyncContextManager[H11Response]):
+    __slots__ = ("_args", "_client", "_response")
+
+    def __init__(
+        self,
+        client: H11Upstream,
+        args: tuple[str, bytes, bytes, list[tuple[bytes, bytes]], bytes],
+    ) -> None:
+        self._client = client
+        self._args = args
+        self._response: H11Response | None = None
+
+    async def __aenter__(self) -> H11Response:
+        self._response = await self._client.open(*self._args)
+        return self._response
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._response is not None:
+            await self._response.aclose()
+
+
+class H11Upstream:
+    """Sends requests to workers over pooled HTTP/1.1 connections (see the module doc)."""
+
+    def __init__(self, limits: UpstreamLimits) -> None:
+        self.limits = limits
+        self.pool = ConnectionPool(limits)
+
+    def stream(
+        self,
+        base_url: str,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> AbstractAsyncContextManager[H11Response]:
+        """Open a response from ``base_url``; it is closed when the block exits.
+
+        ``target`` is the path plus query; ``headers`` must not carry host or
+        content-length, which are set here.
+        """
+        return _Exchange(self, (base_url, method, target, headers, body))
+
+    async def open(
+        self,
+        base_url: str,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> H11Response:
+        """Send the request and read the response head; the caller must ``aclose`` it."""
+        pool = self.pool
+        origin = pool.origin(base_url)
+        parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", origin.host_header, b"\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        lines = len(headers) + 3
+        if body or method not in NO_BODY_METHODS:
+            parts += (b"content-length: ", b"%d" % len(body), b"\r\n")
+            lines += 1
+        parts.append(b"\r\n")
+        rest = body
+        if len(body) <= COALESCE:
+            parts.append(body)
+            rest = b""
+        payload = b"".join(parts)
+        end = len(payload) - len(body) + len(rest)
+        if (
+            payload.count(b"\n", 0, end) != lines
+            or payload.count(b"\r", 0, end) != lines
+            or b" " in target
+            or not target.isascii()
+        ):
+            raise UpstreamError(f"invalid request line or header for worker {base_url}")
+        try:
+            shadow = _shadow(method)
+        except h11.LocalProtocolError as exc:
+            raise UpstreamError(f"invalid request method for worker {base_url}") from exc
+        conn = pool.checkout(origin)
+        reused = conn is not None
+        if conn is None:
+            conn = await pool.connect(origin, base_url)
+        while True:
+            try:
+                head = await self._roundtrip(conn, shadow, payload, rest)
+            except _Unanswered as exc:
+                if not reused:
+                    raise UpstreamProtocolError(
+                        f"worker {base_url} broke the connection without answering: "
+                        f"{exc.__cause__ or 'closed'}"
+                    ) from exc.__cause__
+                reused = False  # it was closed while idle: once more, on a new connection
+                conn = await pool.connect(origin, base_url)
+                continue
+            except BROKEN as exc:
+                raise UpstreamProtocolError(
+                    f"worker {base_url} broke the connection: {exc}"
+                ) from exc
+            return H11Response(head, base_url, conn, pool)
+
+    async def _roundtrip(
+        self, conn: Connection, shadow: h11.Request, payload: bytes, rest: bytes
+    ) -> h11.Response:
+        """Send the request on ``conn`` and read the response head; on failure ``conn``
+        is closed (``_Unanswered`` if no byte of an answer came)."""
+        state = conn.h11
+        stream = conn.stream
+        answered = False
+        try:
+            state.send(shadow)
+            state.send(_EOM)
+            try:
+                if rest:  # a large body may fill the socket buffer: bound the wait
+                    with trio.move_on_after(self.limits.write_timeout) as scope:
+                        await stream.send_all(payload)
+                        await stream.send_all(rest)
+                    if scope.cancelled_caught:
+                        raise UpstreamTimeout(
+                            f"sending the request to {conn.origin.host} timed out"
+                        )
+                else:
+                    await stream.send_all(payload)
+            except (trio.BrokenResourceError, OSError):
+                pass  # the worker may have answered early (or closed): read what it sent
+            while True:
+                event = state.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    answered = answered or bool(data)
+                    state.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
+                elif type(event) is h11.Response:
+                    return event
+                elif type(event) is not h11.InformationalResponse:
+                    raise trio.BrokenResourceError("closed without a response")
+        except BaseException as exc:
+            conn.close()
+            if not answered and isinstance(exc, BROKEN):
+                raise _Unanswered from exc
+            raise
+
+    async def aclose(self) -> None:
+        self.pool.close()
+        await trio.lowlevel.checkpoint()
