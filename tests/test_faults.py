@@ -227,12 +227,6 @@ async def serve_dropping_upstream(nursery: trio.Nursery) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy.open_exchange passes only UpstreamConnectError to passive_failure "
-    "when opening the response; a worker that drops requests before its status line is "
-    "never counted (errors stay 0) nor quarantined while its /health answers",
-)
 async def test_a_worker_that_drops_requests_before_answering_counts_as_failing(nursery, client):
     url = await serve_dropping_upstream(nursery)
     running = await start_router(nursery, worker_urls=(url,), health_check_failure_threshold=2)
@@ -467,12 +461,6 @@ async def test_a_stream_dropped_mid_sse_is_cut_and_counts_against_the_worker(
     assert worker_state.errors_total == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy.open_exchange calls pool.request_succeeded when the 200 head arrives, "
-    "which clears request_failures before the body breaks; broken streams never add up to "
-    "the failure threshold, so a worker that breaks every stream is never quarantined",
-)
 async def test_a_worker_that_breaks_every_stream_is_quarantined(nursery, client):
     worker = await start_worker(nursery)
     worker.app.faults.drop_after_events = 1
@@ -545,11 +533,6 @@ async def test_a_garbled_sse_generate_is_relayed_and_records_nothing(nursery, cl
     assert (cache.counters.recorded, cache.counters.unrecorded) == (0, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: openai_api._generated indexes output_token_logprobs pairs unchecked; a "
-    "malformed worker answer is a 500 plugin_error, not a 502 upstream_error",
-)
 async def test_a_malformed_answer_to_the_chat_front_end_is_a_502(nursery, client, qwen3):
     upstream, url = await start_scripted(nursery)
     upstream.script = Script(

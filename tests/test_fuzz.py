@@ -7,8 +7,7 @@ each answer: a success, or a JSON error document ``{"error": {"message", "type",
 with a 4xx status. Never a 5xx, never a dropped connection, and a rejected request leaves
 the worker list, the cached tokens and the sessions as they were.
 
-Known bugs are kept out of the generated inputs and pinned by the xfail tests at the end,
-so that this file fails on new findings only.
+Bugs this fuzzing found are pinned by regression tests at the end.
 """
 
 from __future__ import annotations
@@ -634,12 +633,6 @@ async def test_fuzzed_paths_methods_and_headers(nursery, client, qwen3):
 # -- known bugs (kept out of the generated inputs above) and fixed ones ---------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sessions._calls assumes tool_calls is a list of objects whose 'function' "
-    "is an object; a later turn repeating a message with malformed tool_calls is a 500 "
-    "plugin_error instead of a 400",
-)
 @pytest.mark.parametrize("tool_calls", [5, [{"function": "f"}]])
 async def test_malformed_tool_calls_in_a_session_turn_are_a_400(nursery, client, qwen3, tool_calls):
     _worker, running = await fuzz_router(nursery, qwen3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 
 import orjson
 import pytest
@@ -87,24 +86,38 @@ class Wire:
 @dataclasses.dataclass
 class RawServer:
     url: str
+    listener: trio.SocketListener
     connections: int = 0
     requests: list[tuple[int, bytes]] = dataclasses.field(default_factory=list)
+
+    async def stop(self) -> None:
+        """Stop listening: new connections are refused; open ones stay."""
+        await self.listener.aclose()
 
 
 Handler = Callable[[Wire, RawServer], Awaitable[None]]
 
 
 async def serve_raw(nursery: trio.Nursery, handler: Handler) -> RawServer:
-    server = RawServer("")
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    server = RawServer(f"http://127.0.0.1:{port}", listener)
 
-    async def accept(stream: trio.SocketStream) -> None:
-        server.connections += 1
+    async def serve(stream: trio.SocketStream, index: int) -> None:
         async with stream:
-            await handler(Wire(stream, server.connections), server)
+            await handler(Wire(stream, index), server)
 
-    listeners = await nursery.start(partial(trio.serve_tcp, accept, 0, host="127.0.0.1"))
-    port = listeners[0].socket.getsockname()[1]
-    server.url = f"http://127.0.0.1:{port}"
+    async def accept() -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return
+                server.connections += 1
+                nursery.start_soon(serve, stream, server.connections)
+
+    nursery.start_soon(accept)
     return server
 
 
@@ -174,6 +187,8 @@ async def test_head_204_and_304_have_no_body_and_keep_the_connection(nursery, ki
                 await wire.send(b"HTTP/1.1 204 No Content\r\n\r\n")
             elif b"/nm" in head:
                 await wire.send(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 7\r\n\r\n")
+            elif b"/hints" in head:
+                await wire.send(b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" + ok(b"final"))
             else:
                 await wire.send(ok(b"after"))
 
@@ -186,6 +201,8 @@ async def test_head_204_and_304_have_no_body_and_keep_the_connection(nursery, ki
             assert (empty.status, chunks) == (204, [])
             same, chunks = await fetch(client, server.url, b"GET", b"/nm")
             assert (same.status, chunks) == (304, [])
+            final, chunks = await fetch(client, server.url, b"GET", b"/hints")
+            assert (final.status, b"".join(chunks)) == (200, b"final")
             _, chunks = await fetch(client, server.url)
             assert b"".join(chunks) == b"after"  # the framing above left the stream in step
     assert server.connections == 1
@@ -290,6 +307,26 @@ async def test_reused_connection_dropped_before_answering_is_retried_once(nurser
     ]
 
 
+async def test_retry_refused_after_a_dropped_reused_connection_is_not_a_connect_error(nursery):
+    async def drop_and_stop(wire: Wire, server: RawServer) -> None:
+        while (head := await wire.request()) is not None:
+            server.requests.append((wire.index, head))
+            if len(server.requests) == 2:
+                await server.stop()
+                return  # it read the request: retrying on another worker could run it twice
+            await wire.send(ok())
+
+    server = await serve_raw(nursery, drop_and_stop)
+    async with open_client() as client:
+        with trio.fail_after(10):
+            await fetch(client, server.url)
+            with pytest.raises(UpstreamError) as caught:
+                await fetch(client, server.url, b"POST", b"/2", b"b")
+    assert type(caught.value) is UpstreamProtocolError
+    assert "broke the connection" in caught.value.message
+    assert isinstance(caught.value.__cause__, UpstreamConnectError)
+
+
 async def test_fresh_connection_dropped_before_answering_is_not_retried(nursery):
     async def drop(wire: Wire, server: RawServer) -> None:
         server.requests.append((wire.index, await wire.request() or b""))
@@ -302,13 +339,16 @@ async def test_fresh_connection_dropped_before_answering_is_not_retried(nursery)
     assert server.connections == 1
 
 
-async def test_connection_close_answer_and_early_close_are_not_reused(nursery):
+async def test_connection_close_answer_stray_bytes_and_early_close_are_not_reused(nursery):
     async def handler(wire: Wire, server: RawServer) -> None:
         while (head := await wire.request()) is not None:
             server.requests.append((wire.index, head))
             if b"/close" in head:
                 await wire.send(ok(extra=b"connection: close\r\n"))
                 return
+            if b"/stray" in head:
+                await wire.send(ok() + b"HTTP/1.1 200 OK\r\n")  # more than was asked for
+                continue
             await wire.send(ok(b"x" * 10, b""))
 
     server = await serve_raw(nursery, handler)
@@ -322,9 +362,12 @@ async def test_connection_close_answer_and_early_close_are_not_reused(nursery):
                 # the client stops before the end of the message
             assert conn.is_closed()
             assert client.pool.connections == []
+            _, chunks = await fetch(client, server.url, b"GET", b"/stray")
+            assert chunks == [b"ok"]
+            assert client.pool.connections == []
             _, chunks = await fetch(client, server.url)
             assert chunks == [b"x" * 10]
-    assert server.connections == 3
+    assert server.connections == 4
 
 
 async def test_expired_idle_connection_is_closed_not_reused(nursery):
@@ -456,6 +499,8 @@ async def test_large_body_and_invalid_header_values(nursery):
                         pass
             with pytest.raises(UpstreamError, match="invalid"):
                 await fetch(client, url, b"GET", b"/a b")
+            with pytest.raises(UpstreamError, match="invalid"):
+                await fetch(client, url, b"G(E)T")
     assert len(upstream.seen) == 1
 
 

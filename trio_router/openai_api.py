@@ -169,6 +169,14 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise BadRequest(f"messages[{index}] has no 'role'")
         if role not in ROLES:
             raise BadRequest(f"messages[{index}].role {role!r} is not one of {sorted(ROLES)}")
+        calls = message.get("tool_calls")
+        if calls is not None and not (
+            isinstance(calls, list)
+            and all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
+        ):
+            raise BadRequest(
+                f"messages[{index}].tool_calls must be a list of objects with a 'function' object"
+            )
         content = message.get("content")
         if isinstance(content, list):
             parts = []
@@ -738,8 +746,11 @@ def _generated(answer: Any, prompt_tokens: int, worker: str | None) -> Generated
     if not isinstance(meta, dict):
         raise UpstreamProtocolError("worker answer has no meta_info")
     pairs = meta.get("output_token_logprobs") or []
-    ids = [int(p[1]) for p in pairs]
-    logps = [float(p[0]) for p in pairs]
+    try:
+        ids = [int(p[1]) for p in pairs]
+        logps = [float(p[0]) for p in pairs]
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise UpstreamProtocolError("worker sent malformed output_token_logprobs") from None
     finish = meta.get("finish_reason")
     kind = finish.get("type", "stop") if isinstance(finish, dict) else "stop"
     return Generated(

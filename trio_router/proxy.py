@@ -405,19 +405,23 @@ async def open_exchange(
                 router.metrics.retries.labels(request.path).inc()
                 log.info("retrying %s on another worker: %s", request.path, exc.message)
                 continue
-            if response.status >= 500:
+            except UpstreamError as exc:  # it reached the worker, which broke the exchange
+                passive_failure(router, worker.url, exc)
+                raise
+            failed = response.status >= 500
+            if failed:
                 passive_failure(
                     router, worker.url, UpstreamError(f"worker answered {response.status}")
                 )
-            else:
-                transition = router.pool.request_succeeded(worker, trio.current_time())
-                if transition is not None:
-                    router.health.on_transition(transition)
             try:
                 yield response
             except UpstreamError as exc:
                 passive_failure(router, worker.url, exc)
                 raise
+            if not failed:  # only a whole answer clears the worker's failure count
+                transition = router.pool.request_succeeded(worker, trio.current_time())
+                if transition is not None:
+                    router.health.on_transition(transition)
             return
 
 
