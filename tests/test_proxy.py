@@ -353,6 +353,7 @@ async def test_large_routed_experts_payload_survives_the_proxy(nursery, client):
         proxied = orjson.loads((await client.post(running.url + "/generate", json=body)).content)
     for answer in (direct, proxied):
         answer["meta_info"].pop("e2e_latency")
+        answer["meta_info"].pop("cached_tokens")  # the worker's prefix cache saw it once before
     assert proxied == direct
     assert len(proxied["meta_info"]["routed_experts"]) > 10_000
 

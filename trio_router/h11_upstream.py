@@ -67,7 +67,8 @@ class _Origin:
         self.port = port
         name = f"[{host}]" if ":" in host else host
         default = 443 if tls else 80
-        self.host_header = (name if port == default else f"{name}:{port}").encode("idna")
+        header = name if port == default else f"{name}:{port}"
+        self.host_header = header.encode("ascii" if header.isascii() else "idna")
         self.idle: deque[Connection] = deque()
 
 
@@ -416,6 +417,7 @@ class H11Upstream:
         if (
             payload.count(b"\n", 0, end) != lines
             or payload.count(b"\r", 0, end) != lines
+            or not target
             or b" " in target
             or not target.isascii()
         ):
@@ -432,13 +434,17 @@ class H11Upstream:
             try:
                 head = await self._roundtrip(conn, shadow, payload, rest)
             except _Unanswered as exc:
+                broke = UpstreamProtocolError(
+                    f"worker {base_url} broke the connection without answering: "
+                    f"{exc.__cause__ or 'closed'}"
+                )
                 if not reused:
-                    raise UpstreamProtocolError(
-                        f"worker {base_url} broke the connection without answering: "
-                        f"{exc.__cause__ or 'closed'}"
-                    ) from exc.__cause__
+                    raise broke from exc.__cause__
                 reused = False  # it was closed while idle: once more, on a new connection
-                conn = await pool.connect(origin, base_url)
+                try:
+                    conn = await pool.connect(origin, base_url)
+                except UpstreamConnectError as refused:
+                    raise broke from refused  # the first attempt may have reached the worker
                 continue
             except BROKEN as exc:
                 raise UpstreamProtocolError(
