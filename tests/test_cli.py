@@ -105,59 +105,63 @@ async def read_line_with(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes
     return buffer.split(marker, 1)[1].split(b"\n", 1)[0].strip()
 
 
-async def test_sigterm_drains_in_flight_streams_refuses_new_requests_and_exits_0():
+BYTES = ("--tokenizer", "bytes")
+QUIET = ("--graceful-timeout", "20", "--log-level", "warning")
+
+
+async def test_sigterm_under_load_drains_every_stream_refuses_new_ones_and_exits_0():
     python = [sys.executable, "-m", "trio_router"]
+    streams = 8
     async with trio.open_nursery() as nursery:
         worker = await nursery.start(
             partial(
                 trio.run_process,
-                [*python, "worker", "--port", "0", "--latency-per-token-ms", "20"],
+                [*python, "worker", "--port", "0", "--latency-per-token-ms", "20", *BYTES],
                 stdout=subprocess.PIPE,
                 check=False,
             )
         )
         router = None
         try:
-            with trio.fail_after(30):
+            with trio.fail_after(40):
                 worker_url = (await read_line_with(worker.stdout, b"listening on ")).decode()
                 router = await nursery.start(
                     partial(
                         trio.run_process,
-                        [
-                            *python,
-                            "serve",
-                            "--port",
-                            "0",
-                            "--worker-urls",
-                            worker_url,
-                            "--graceful-timeout",
-                            "20",
-                            "--log-level",
-                            "warning",
-                        ],
+                        [*python, "serve", "--port", "0", "--worker-urls", worker_url, *QUIET],
                         stdout=subprocess.PIPE,
                         check=False,
                     )
                 )
                 url = (await read_line_with(router.stdout, b"listening on ")).decode()
-                events: list[str] = []
-                async with httpx.AsyncClient(timeout=20) as client:
-                    body = {
-                        "text": "x",
-                        "stream": True,
-                        "sampling_params": {"max_new_tokens": 40, "ignore_eos": True},
-                    }
-                    async with client.stream("POST", url + "/generate", json=body) as r:
-                        lines = r.aiter_lines()
-                        events.append(await anext(lines))
+                received: list[list[str]] = [[] for _ in range(streams)]
+                started = trio.Semaphore(0)
+                body = {
+                    "text": "x",
+                    "stream": True,
+                    "sampling_params": {"max_new_tokens": 40, "ignore_eos": True},
+                }
+                async with httpx.AsyncClient(timeout=30) as client:
+
+                    async def stream(index: int) -> None:
+                        async with client.stream("POST", url + "/generate", json=body) as r:
+                            async for line in r.aiter_lines():
+                                if line:
+                                    received[index].append(line)
+                                    if len(received[index]) == 1:
+                                        started.release()
+
+                    async with trio.open_nursery() as load:
+                        for index in range(streams):
+                            load.start_soon(stream, index)
+                        for _ in range(streams):
+                            await started.acquire()  # every stream is mid-flight
                         router.send_signal(signal.SIGTERM)
-                        async for line in lines:
-                            if line:
-                                events.append(line)
                     refused = False
                     for _ in range(100):
                         try:
-                            await client.get(url + "/health")
+                            async with httpx.AsyncClient(timeout=5) as fresh:
+                                await fresh.get(url + "/health")
                         except httpx.TransportError:
                             refused = True
                             break
@@ -167,8 +171,9 @@ async def test_sigterm_drains_in_flight_streams_refuses_new_requests_and_exits_0
             if router is not None and router.returncode is None:
                 router.kill()
             worker.send_signal(signal.SIGTERM)
-    assert events[-1] == "data: [DONE]"
-    assert len(events) == 41  # every token event arrived, plus [DONE]
+    for events in received:
+        assert events[-1] == "data: [DONE]"
+        assert len(events) == 41  # every token event arrived, plus [DONE]
     assert refused
     assert code == 0
 
