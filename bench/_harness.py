@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -456,3 +457,53 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def exception_leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from exception_leaves(inner)
+    else:
+        yield exc
+
+
+def run_bench(
+    name: str,
+    run: Callable[..., Awaitable[int | None]],
+    *args: object,
+    children: Children,
+    expected: tuple[type[BaseException], ...] = (BenchError,),
+) -> int:
+    """``trio.run(run, *args)``; expected failures become one line and exit 1.
+
+    Ctrl-C exits 130. Every child process is stopped, whatever happens.
+    """
+    try:
+        result = trio.run(run, *args)
+    except BaseException as exc:
+        leaves = list(exception_leaves(exc))
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            print(f"{name}: interrupted", file=sys.stderr)
+            return 130
+        if leaves and all(isinstance(e, expected) for e in leaves):
+            for line in dict.fromkeys(f"{type(e).__name__}: {e}" for e in leaves):
+                print(f"{name}: error: {line}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        children.stop_all()
+    return result or 0
+
+
+def write_json(path: Path | None, figures: Mapping[str, object], args: object) -> None:
+    """Write the figures and the settings that produced them (``--json PATH``)."""
+    if path is None:
+        return
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path.write_text(
+        json.dumps({"figures": figures, "config": config}, indent=2, allow_nan=True) + "\n"
+    )

@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import random
 import re
@@ -104,6 +103,7 @@ from _harness import (
     percentile,
     table,
     wait_until,
+    write_json,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -1910,12 +1910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line if line.startswith("plots skipped") else f"plot: {line}")
     print()
     print_figures(bench.figures)
-    if args.json:
-        payload = {
-            "figures": bench.figures,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.json, bench.figures, args)
     return 0
 
 

@@ -42,12 +42,11 @@ The last lines of the output are ``name=value`` pairs (``--json PATH`` writes th
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,8 +62,10 @@ from _harness import (
     free_ports,
     get_json,
     percentile,
+    run_bench,
     table,
     wait_until,
+    write_json,
 )
 
 from trio_router.sim.generation import vocab_from_tokenizer
@@ -1041,12 +1042,7 @@ async def run(args: argparse.Namespace, children: Children) -> int:
     print()
     for name, value in figures.items():
         print(f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}")
-    if args.json:
-        payload = {
-            "figures": figures,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }
-        args.json.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    write_json(args.json, figures, args)
     return 0
 
 
@@ -1058,31 +1054,17 @@ async def run_bounded(args: argparse.Namespace, children: Children) -> int:
         raise BenchError(f"the run did not finish within --timeout {args.timeout:g} s") from None
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     children = Children()
-    try:
-        return trio.run(run_bounded, args, children)
-    except BaseException as exc:
-        leaves = list(_leaves(exc))
-        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
-            print("multiturn: interrupted", file=sys.stderr)
-            return 130
-        if leaves and all(isinstance(e, BenchError | httpx.HTTPError) for e in leaves):
-            for e in dict.fromkeys(f"{type(e).__name__}: {e}" for e in leaves):
-                print(f"multiturn: error: {e}", file=sys.stderr)
-            return 1
-        raise
-    finally:
-        children.stop_all()
+    return run_bench(
+        "multiturn",
+        run_bounded,
+        args,
+        children,
+        children=children,
+        expected=(BenchError, httpx.HTTPError),
+    )
 
 
 if __name__ == "__main__":

@@ -39,11 +39,10 @@ for comparing runs with a script. ``--quick`` takes well under a minute, the def
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -61,7 +60,9 @@ from _harness import (
     get_json,
     json_body,
     percentile,
+    run_bench,
     wait_until,
+    write_json,
 )
 
 PROMPT = "The capital of France is"
@@ -597,41 +598,14 @@ async def run(args: argparse.Namespace, children: Children) -> int:
     print()
     for name, value in figures.items():
         print(f"{name}={value:.3f}")
-    if args.json:
-        payload = {
-            "figures": figures,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }
-        args.json.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    write_json(args.json, figures, args)
     return 0
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside (possibly nested) exception groups, or ``exc`` itself."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     children = Children()
-    try:
-        return trio.run(run, args, children)
-    except BaseException as exc:
-        leaves = list(_leaves(exc))
-        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
-            print("proxy_overhead: interrupted", file=sys.stderr)
-            return 130
-        if leaves and all(isinstance(e, BenchError) for e in leaves):
-            for e in dict.fromkeys(str(e) for e in leaves):
-                print(f"proxy_overhead: error: {e}", file=sys.stderr)
-            return 1
-        raise
-    finally:
-        children.stop_all()
+    return run_bench("proxy_overhead", run, args, children, children=children)
 
 
 if __name__ == "__main__":

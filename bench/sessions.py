@@ -98,6 +98,7 @@ from _harness import (
     free_ports,
     get_json,
     percentile,
+    run_bench,
     table,
     wait_until,
 )
@@ -985,31 +986,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     children = Children()
-    try:
-        return trio.run(run_bounded, args, children)
-    except BaseException as exc:
-        leaves = list(_leaves(exc))
-        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
-            print("sessions: interrupted", file=sys.stderr)
-            return 130
-        if leaves and all(isinstance(e, BenchError | httpx.HTTPError) for e in leaves):
-            for e in dict.fromkeys(f"{type(e).__name__}: {e}" for e in leaves):
-                print(f"sessions: error: {e}", file=sys.stderr)
-            return 1
-        raise
-    finally:
-        children.stop_all()
+    return run_bench(
+        "sessions",
+        run_bounded,
+        args,
+        children,
+        children=children,
+        expected=(BenchError, httpx.HTTPError),
+    )
 
 
 if __name__ == "__main__":
