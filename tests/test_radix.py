@@ -335,3 +335,17 @@ def test_the_same_text_ended_by_eos_and_by_length_resolves_to_the_most_recent():
     assert lookup(trie, b"Q:A") == ids
     insert(trie, [*ids, EOS], generated_from=2, hidden_from=3, now=3.0)
     assert lookup(trie, b"Q:A") == [*ids, EOS]
+
+
+def test_the_key_cache_follows_splits_and_removals():
+    trie = RadixTrie(token_bytes, max_tokens=30, key_cache_size=2)
+    insert(trie, ids_of(b"abcdef"), now=0.0)
+    assert lookup(trie, b"abcdef") == ids_of(b"abcdef")  # the key is now cached
+    insert(trie, ids_of(b"abcXYZ"), now=1.0)  # splits the cached node after "abc"
+    assert lookup(trie, b"abcdef") == ids_of(b"abcdef")
+    assert lookup(trie, b"abcXYZ") == ids_of(b"abcXYZ")
+    for i in range(5):  # evictions remove nodes (and their cached keys)
+        insert(trie, ids_of(f"{i}".encode() * 12), now=2.0 + i)
+    for node in trie._all_nodes():
+        assert trie.key(node) == key_of(list(node.ids))
+    assert len(trie._keys) <= 2

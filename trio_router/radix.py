@@ -189,10 +189,13 @@ class RadixTrie:
         *,
         max_tokens: int,
         low_water: float = 0.9,
+        key_cache_size: int = 4096,
     ) -> None:
         self.token_bytes = token_bytes
         self.max_tokens = max_tokens
         self.low_water = low_water
+        self.key_cache_size = key_cache_size
+        self._keys: dict[Node, bytes] = {}
         self.roots: dict[str, Node] = {}
         self.tokens = 0
         self.node_count = 0
@@ -205,10 +208,24 @@ class RadixTrie:
         self._order: list[str] = []  # versions by first appearance
 
     def key(self, node: Node) -> bytes:
-        """The bytes ``node`` spells (how the client saw it, for an opaque node)."""
+        """The bytes ``node`` spells (how the client saw it, for an opaque node).
+
+        Keys are derived from the ids (storing them would double the memory); the
+        most recently used ones are kept in a small LRU so hot prefixes (shared
+        system prompts, a GRPO group's prompt) are not rebuilt on every lookup.
+        """
         if node.opaque_key is not None:
             return node.opaque_key
-        return b"".join(map(self.token_bytes, node.ids))
+        cache = self._keys
+        key = cache.get(node)
+        if key is None:
+            key = b"".join(map(self.token_bytes, node.ids))
+            if len(cache) >= self.key_cache_size:
+                del cache[next(iter(cache))]
+        else:
+            del cache[node]  # re-insert: dict order is least recently used first
+        cache[node] = key
+        return key
 
     # -- versions -------------------------------------------------------------
 
@@ -516,9 +533,11 @@ class RadixTrie:
         upper.hidden = node.hidden
         parent.remove_child(node)
         parent.add_child(upper)
+        self._keys.pop(node, None)  # its ids change
         node.ids = node.ids[count:]
         node.set_payload(logps[count:], codes[count:])
-        node.first = self.key(node)[0]
+        head = self.token_bytes(node.ids[0]) or b"".join(map(self.token_bytes, node.ids))
+        node.first = head[0]
         node.parent = upper
         upper.add_child(node)
         self.node_count += 1
@@ -585,6 +604,7 @@ class RadixTrie:
 
     def clear(self) -> None:
         self.roots.clear()
+        self._keys.clear()
         self.tokens = self.node_count = 0
 
     def _remove(self, leaf: Node) -> int:
@@ -592,6 +612,7 @@ class RadixTrie:
         assert parent is not None
         parent.remove_child(leaf)
         leaf.parent = None
+        self._keys.pop(leaf, None)
         self.node_count -= 1
         self.tokens -= len(leaf.ids)
         return len(leaf.ids)
