@@ -80,6 +80,8 @@ class Overloaded(RouterError):
         super().__init__(message)
         self.retry_after = retry_after
         self.status = status
+        if status == 429:
+            self.kind = "rate_limit_error"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", str(self.retry_after).encode())]

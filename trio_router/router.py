@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from .config import RouterConfig
-from .errors import BadRequest, ConfigError, RouterError
+from .errors import ConfigError, RouterError
 from .h11_upstream import H11Upstream
 from .health import HealthChecker, Probe, http_probe
 from .hooks import Middleware, MiddlewareChain, load_middleware
@@ -155,14 +155,7 @@ class Router:
 
     def remove_worker(self, raw_url: object) -> Worker:
         """Unregister a worker; one with requests in flight drains first."""
-        try:
-            url = normalize_worker_url(raw_url)
-        except BadRequest:
-            if isinstance(raw_url, str) and self.pool.get(raw_url) is not None:
-                url = raw_url
-            else:
-                raise
-        return self.pool.remove(url)
+        return self.pool.remove(normalize_worker_url(raw_url))
 
     # -- reports --------------------------------------------------------------
 

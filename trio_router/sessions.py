@@ -57,7 +57,6 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
     #: bumped by every commit; a turn prepared against an older one is stale
     generation: int = 0
-    tools: list[Any] | None = None
 
     def truncate(self, turns: int) -> None:
         """Drop every turn from index ``turns`` on."""

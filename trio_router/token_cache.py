@@ -468,7 +468,9 @@ def _is_id_list(value: object, vocab_size: int) -> bool:
     return (
         isinstance(value, list)
         and bool(value)
-        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+        and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in value
+        )
     )
 
 
