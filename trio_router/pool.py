@@ -6,20 +6,19 @@ here awaits, every method is atomic under trio's cooperative scheduling.
 Health states::
 
     PENDING ──probe ok──▶ HEALTHY ──failed request──▶ SUSPECT
-                          ▲  ▲ ◀──probe or request ok──┘
-        M probe successes │  │
-                          │  N consecutive failed probes, or
-                          │  N consecutive failed requests (connection error, 5xx)
-                          │  │
-                    QUARANTINED ◀┘
+       │                  ▲    │ ◀──probe or request ok──┘ │
+       │  M probe successes    │                           │
+       │                  │    ▼                           ▼
+       └──────────────▶ QUARANTINED ◀─────────────────────┘
+          N consecutive failed probes (from any state), or
+          N consecutive failed requests: connection errors, 5xx, broken streams
 
 A SUSPECT worker gets traffic only when no HEALTHY worker is left. A 4xx is the
 client's fault and never counts against a worker. A successful probe lets a
-suspect worker back, but only a successful request clears its count of failed
-requests, so a worker that answers /health yet fails every request is still
-quarantined. Removing a
-worker with requests in flight *drains* it: it takes no new requests and
-leaves the pool when its last lease is released.
+suspect worker back, but only a whole successful answer clears its count of
+failed requests, so a worker that answers /health yet fails every request is
+still quarantined. Removing a worker with requests in flight *drains* it: it
+takes no new requests and leaves the pool when its last lease is released.
 """
 
 from __future__ import annotations
