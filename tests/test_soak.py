@@ -35,7 +35,7 @@ from .conftest import start_router, start_worker
 from .test_proxy import wait_until
 
 CLIENTS = 16
-REQUESTS_PER_CLIENT = 40  # per round
+REQUESTS_PER_CLIENT = 60  # per round
 ROUNDS = 2
 MAX_TOKENS = 12
 LATENCY_MS = 1.0  # per generated token: streams last long enough to be cut
