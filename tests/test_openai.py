@@ -297,11 +297,8 @@ async def test_tool_calls_can_be_streamed(nursery, qwen3):
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert calls[0].function.name == "get_weather"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert sent_return_meta_info(worker)
-
-
-def sent_return_meta_info(worker) -> bool:  # type: ignore[no-untyped-def]
-    return worker.app.stats.requests["/v1/chat/completions"] >= 1
+    assert worker.app.stats.requests["/v1/chat/completions"] == 1
+    assert worker.app.stats.requests.get("/generate", 0) == 0
 
 
 async def test_one_failing_sample_of_n_gives_the_worker_error_not_a_500(nursery, qwen3):

@@ -356,3 +356,26 @@ def test_delta_rendering_follows_the_engine_end_token(qwen3):
     assert cut == "<|im_end|>" + ended
     with pytest.raises(BadRequest):
         delta_text(prior, new, render, "<|never|>", ended_with_eos=True)
+
+
+async def test_a_tool_turn_is_answered_by_the_worker_chat_endpoint_and_recorded(
+    nursery, client, qwen3
+):
+    workers, running = await session_router(nursery, qwen3)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    with trio.fail_after(20):
+        sid = await open_session(client, running.url)
+        answer = await turn(
+            client,
+            running.url,
+            sid,
+            [SYSTEM, {"role": "user", "content": "What is the weather in Paris?"}],
+            tools=tools,
+        )
+        info = await state(client, running.url, sid)
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert workers[0].app.stats.requests["/v1/chat/completions"] == 1
+    assert info["records"][0]["completion_tokens"] == len(choice["meta_info"]["output_ids"]) > 0
+    assert info["messages"][-1]["tool_calls"] == choice["message"]["tool_calls"]

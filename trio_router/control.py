@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from .errors import BadRequest, RouterError, error_body
 from .router import Router
+from .token_cache import scope_of
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -174,8 +175,7 @@ def create_control_app(router: Router) -> QuartTrio:
         tenant = router.gate.tenant(request.headers.get("authorization"))
         body = await json_object()
         declared = request.headers.get(router.config.namespace_header, "")
-        namespace = f"{tenant}/{declared}" if tenant else declared
-        return json_response(await cache.retrieve(body.get("text"), namespace))
+        return json_response(await cache.retrieve(body.get("text"), scope_of(tenant, declared)))
 
     dashboard = (Path(__file__).parent / "dashboard.html").read_bytes()
 

@@ -60,6 +60,11 @@ class ProxyRequest:
                 return value
         return None
 
+    def header_text(self, name: bytes) -> str | None:
+        """First value of header ``name`` (lower case), as text."""
+        value = self.header(name)
+        return value.decode("latin-1") if value is not None else None
+
     @property
     def target(self) -> bytes:
         path = self.raw_path if self.raw_path is not None else self.path.encode("utf-8")

@@ -27,6 +27,7 @@ from .hooks import Middleware, ProxyRequest, Reply
 from .token_cache import Pending, TokenCache
 
 if TYPE_CHECKING:
+    from .proxy import Fetched
     from .router import Router
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -415,15 +416,8 @@ class OpenAIFrontend(Middleware):
         self, request: ProxyRequest, body: dict[str, Any], call: Call, pending: Pending
     ) -> Reply:
         """Tool calls are parsed by the worker: send it the chat request with our ids."""
-        from .proxy import fetch
-
-        # SGLang reports each choice's ids and logprobs in meta_info only when asked
-        forward = {**body, "input_ids": pending.prompt.ids, "stream": False}
-        forward.setdefault("logprobs", True)
-        forward.setdefault("return_meta_info", True)
-        upstream = self.upstream_request(request, "/v1/chat/completions", forward, pending)
         try:
-            fetched = await fetch(self.router, upstream)
+            fetched = await self.worker_chat(request, body, pending)
             if fetched.status != 200:
                 return Reply(fetched.status, fetched.body, fetched.headers)
             answer = orjson.loads(fetched.body)
@@ -453,6 +447,19 @@ class OpenAIFrontend(Middleware):
             # tool calls are parsed once the answer is complete: send it as a short stream
             return Reply(200, as_chunks(answer, call.include_usage), list(SSE_HEADERS))
         return Reply(200, orjson.dumps(answer), list(JSON))
+
+    async def worker_chat(
+        self, request: ProxyRequest, body: dict[str, Any], pending: Pending
+    ) -> Fetched:
+        """A worker's own /v1/chat/completions answer to ``body``, prompted with our ids."""
+        from .proxy import fetch
+
+        # SGLang reports each choice's ids and logprobs in meta_info only when asked
+        forward = {**body, "input_ids": pending.prompt.ids, "stream": False}
+        forward.setdefault("logprobs", True)
+        forward.setdefault("return_meta_info", True)
+        upstream = self.upstream_request(request, "/v1/chat/completions", forward, pending)
+        return await fetch(self.router, upstream)
 
     # -- completions --------------------------------------------------------------
 
@@ -618,7 +625,7 @@ class OpenAIFrontend(Middleware):
             self.router, self.upstream_request(request, "/generate", body, pending)
         )
         if fetched.status != 200:
-            raise _worker_error(fetched.status, fetched.body)
+            raise worker_error(fetched.status, fetched.body)
         try:
             answer = orjson.loads(fetched.body)
         except orjson.JSONDecodeError as exc:
@@ -664,7 +671,7 @@ class OpenAIFrontend(Middleware):
         async with open_exchange(self.router, upstream) as response:
             if response.status != 200:
                 raw = b"".join([c async for c in response])
-                raise _worker_error(response.status, raw)
+                raise worker_error(response.status, raw)
             events = SSEEvents()
             async for data in response:
                 for event in events.feed(data):
@@ -724,7 +731,7 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
-def _worker_error(status: int, raw: bytes) -> RouterError:
+def worker_error(status: int, raw: bytes) -> RouterError:
     message = raw[:500].decode("utf-8", "replace")
     try:
         data = orjson.loads(raw)
@@ -737,6 +744,30 @@ def _worker_error(status: int, raw: bytes) -> RouterError:
         error.status = status
         return error
     return UpstreamError(f"worker failed with {status}: {message}")
+
+
+def generated_choice(answer: Any, prompt_tokens: int, worker: str | None) -> Generated:
+    """The first choice of a worker's chat answer (with its meta_info), checked."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UpstreamProtocolError("worker chat answer has no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    message = message if isinstance(message, dict) else {}
+    reason = str(choice.get("finish_reason"))
+    result = _generated(
+        {
+            "text": message.get("content") or "",
+            "meta_info": {
+                **(choice.get("meta_info") or {}),
+                "finish_reason": {"type": "stop" if reason == "tool_calls" else reason},
+            },
+        },
+        prompt_tokens,
+        worker,
+    )
+    result.meta["message"] = message
+    return result
 
 
 def _generated(answer: Any, prompt_tokens: int, worker: str | None) -> Generated:

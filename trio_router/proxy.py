@@ -216,7 +216,7 @@ class Proxy:
         timeout = router.config.request_timeout
         try:
             with trio.move_on_after(timeout if timeout > 0 else math.inf) as deadline:
-                authorization = _text(request.header(b"authorization"))
+                authorization = request.header_text(b"authorization")
                 if request.path in BROADCAST_PATHS:
                     router.gate.check_admin(authorization, request.client)
                     await self._answer(await broadcast(router, request), send, progress)
@@ -492,10 +492,6 @@ async def broadcast(router: Router, request: ProxyRequest) -> Reply:
     )
     document = {"ok": ok, "workers": len(urls), "results": results}
     return Reply(200 if ok else 502, orjson.dumps(document))
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode("latin-1") if value is not None else None
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

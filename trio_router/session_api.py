@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from .errors import BadRequest, NotFound, RouterError
+from .errors import BadRequest, NotFound, RouterError, UpstreamProtocolError
 from .hooks import Middleware, ProxyRequest, Reply
 from .openai_api import (
     FINISH,
@@ -33,9 +33,11 @@ from .openai_api import (
     OpenAIFrontend,
     as_chunks,
     completion_id,
+    generated_choice,
     parse_call,
     parse_messages,
     sse,
+    worker_error,
 )
 from .policies import Sticky
 from .radix import Trajectory
@@ -102,7 +104,7 @@ class SessionFrontend(Middleware):
         session = self.table.get(
             parts[1],
             trio.current_time(),
-            _header(request, b"x-session-token"),
+            request.header_text(b"x-session-token"),
             self.frontend.cache.namespace(request),
         )
         rest = "/".join(parts[2:])
@@ -215,39 +217,14 @@ class SessionFrontend(Middleware):
     async def _tool_turn(
         self, request: ProxyRequest, body: dict[str, Any], pending: Pending
     ) -> Generated:
-        from .proxy import fetch
-
-        forward = {
-            **body,
-            "input_ids": pending.prompt.ids,
-            "stream": False,
-            "logprobs": True,
-            "return_meta_info": True,
-        }
-        fetched = await fetch(
-            self.router,
-            self.frontend.upstream_request(request, "/v1/chat/completions", forward, pending),
-        )
+        fetched = await self.frontend.worker_chat(request, body, pending)
         if fetched.status != 200:
-            from .openai_api import _worker_error
-
-            raise _worker_error(fetched.status, fetched.body)
-        answer = orjson.loads(fetched.body)
-        choice = answer["choices"][0]
-        meta = dict(choice.get("meta_info") or {})
-        pairs = meta.get("output_token_logprobs") or []
-        message = choice.get("message") or {}
-        generated = Generated(
-            text=message.get("content") or "",
-            ids=[int(p[1]) for p in pairs],
-            logps=[float(p[0]) for p in pairs],
-            finish=_finish_type(choice.get("finish_reason")),
-            prompt_tokens=len(pending.prompt.ids),
-            meta={**meta, "output_ids": [int(p[1]) for p in pairs]},
-            worker=fetched.worker,
-        )
-        generated.meta["message"] = message
-        return generated
+            raise worker_error(fetched.status, fetched.body)
+        try:
+            answer = orjson.loads(fetched.body)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError(f"worker sent invalid JSON: {exc}") from None
+        return generated_choice(answer, len(pending.prompt.ids), fetched.worker)
 
     async def _streamed_turn(
         self,
@@ -432,15 +409,6 @@ def _routed_rows(payload: Any, tokens: int) -> int:
         if rows > 0 and size % (rows * 4) == 0:
             return rows
     return tokens
-
-
-def _finish_type(reason: Any) -> str:
-    return {"tool_calls": "stop", "stop": "stop", "length": "length"}.get(str(reason), str(reason))
-
-
-def _header(request: ProxyRequest, name: bytes) -> str | None:
-    value = request.header(name)
-    return value.decode("latin-1") if value is not None else None
 
 
 def _safetensors(sample: dict[str, Any]) -> bytes:

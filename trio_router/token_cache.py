@@ -128,11 +128,10 @@ class TokenCache(Middleware):
         self.counters = CacheCounters()
 
     def namespace(self, request: ProxyRequest) -> str:
-        """The tenant scope: the caller's API key (when keys are set), then the header."""
         value = request.header(self.settings.namespace_header)
-        declared = value.decode("utf-8", "replace") if value else ""
-        tenant = request.state.get("tenant")
-        return f"{tenant}/{declared}" if tenant else declared
+        return scope_of(
+            request.state.get("tenant"), value.decode("utf-8", "replace") if value else ""
+        )
 
     # -- request ------------------------------------------------------------------
 
@@ -457,6 +456,12 @@ class TokenCache(Middleware):
             "retrievals": self.counters.retrievals,
             "continued_aborts": self.counters.continued_aborts,
         }
+
+
+def scope_of(tenant: str | None, declared: str) -> str:
+    """The namespace of cached trajectories: the caller's API-key tenant (when keys are
+    set), subdivided by the namespace the caller declared."""
+    return f"{tenant}/{declared}" if tenant else declared
 
 
 def _prompt_tokens(ids: list[int]) -> Trajectory:
