@@ -90,9 +90,10 @@ async def test_async_client_streams_chunks_that_add_up_to_the_recorded_answer(nu
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] in ("stop", "length")
     assert text == plain.choices[0].message.content  # deterministic worker: same content
-    assert got["tokens"][len(qwen3.encode(render(qwen3, MESSAGES))) :][
-        : chunks[-1].usage.completion_tokens
-    ]
+    prompt_ids = qwen3.encode(render(qwen3, MESSAGES))
+    generated = plain.choices[0].meta_info["output_ids"]  # type: ignore[attr-defined]
+    assert chunks[-1].usage.completion_tokens == len(generated)
+    assert got["tokens"] == prompt_ids + generated  # the streamed answer was recorded exactly
     assert got["cached_tokens"] == len(got["tokens"])
     assert worker.app.stats.requests["/generate"] == 2
 

@@ -147,7 +147,7 @@ async def test_client_disconnect_mid_stream_cancels_the_worker_and_leaks_nothing
         await wait_until(lambda: upstream.cancelled == 1)
         await wait_until(lambda: router.pool.statistics().total_inflight == 0)
     assert upstream.active == 0
-    assert all(c.is_closed or c.is_idle() for c in router.upstream.pool.connections)
+    assert all(c.is_closed() or c.is_idle() for c in router.upstream.pool.connections)
 
 
 async def test_client_disconnect_before_the_response_starts_leaks_nothing(nursery):
@@ -163,7 +163,7 @@ async def test_client_disconnect_before_the_response_starts_leaks_nothing(nurser
         await stream.aclose()
         await wait_until(lambda: upstream.cancelled == 1)
         await wait_until(lambda: router.pool.statistics().total_inflight == 0)
-    assert all(c.is_closed or c.is_idle() for c in router.upstream.pool.connections)
+    assert all(c.is_closed() or c.is_idle() for c in router.upstream.pool.connections)
 
 
 async def test_inflight_returns_to_zero_after_success_error_and_worker_failure(nursery, client):
