@@ -412,6 +412,18 @@ async def get_json(port: int, path: str) -> tuple[int, object]:
         return status, None
 
 
+async def answers_health(port: int) -> bool:
+    """Whether the server on ``port`` answers ``GET /health`` with 200."""
+    status, _ = await get_json(port, "/health")
+    return status == 200
+
+
+async def router_sees(port: int, n_workers: int) -> bool:
+    """Whether the router on ``port`` reports ``n_workers`` healthy workers."""
+    status, body = await get_json(port, "/health")
+    return status == 200 and isinstance(body, dict) and body.get("healthy_workers") == n_workers
+
+
 async def wait_until(
     what: str,
     check: Callable[[], Awaitable[bool]],

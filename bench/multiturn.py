@@ -58,10 +58,11 @@ from _harness import (
     BenchError,
     Child,
     Children,
+    answers_health,
     fmt,
     free_ports,
-    get_json,
     percentile,
+    router_sees,
     run_bench,
     table,
     wait_until,
@@ -103,16 +104,6 @@ class Stack:
     router_port: int
 
 
-async def _healthy(port: int) -> bool:
-    status, _ = await get_json(port, "/health")
-    return status == 200
-
-
-async def _router_ready(port: int, n_workers: int) -> bool:
-    status, body = await get_json(port, "/health")
-    return status == 200 and isinstance(body, dict) and body.get("healthy_workers") == n_workers
-
-
 def start_processes(children: Children, latency_ms: float, policy: str) -> Stack:
     """Start two recording Qwen3 workers and the router (readiness is awaited separately)."""
     *worker_ports, router_port = free_ports(3)
@@ -133,13 +124,13 @@ async def wait_ready(stack: Stack, children: Children) -> None:
     for worker, port in zip(stack.workers, stack.worker_ports, strict=True):
         await wait_until(
             f"{worker.name} on port {port}",
-            partial(_healthy, port),
+            partial(answers_health, port),
             children=children,
             within=STARTUP_TIMEOUT,
         )
     await wait_until(
         f"router on port {stack.router_port} with {len(stack.workers)} healthy workers",
-        partial(_router_ready, stack.router_port, len(stack.workers)),
+        partial(router_sees, stack.router_port, len(stack.workers)),
         children=children,
         within=STARTUP_TIMEOUT,
     )

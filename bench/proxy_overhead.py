@@ -55,11 +55,12 @@ from _harness import (
     Children,
     CpuSnapshot,
     HttpConn,
+    answers_health,
     encode_request,
     free_ports,
-    get_json,
     json_body,
     percentile,
+    router_sees,
     run_bench,
     wait_until,
     write_json,
@@ -89,16 +90,6 @@ class Stack:
         return [self.router.pid, *(w.pid for w in self.workers)]
 
 
-async def _healthy(port: int) -> bool:
-    status, _ = await get_json(port, "/health")
-    return status == 200
-
-
-async def _router_ready(port: int, n_workers: int) -> bool:
-    status, body = await get_json(port, "/health")
-    return status == 200 and isinstance(body, dict) and body.get("healthy_workers") == n_workers
-
-
 async def start_stack(children: Children, label: str, latency_ms: float) -> Stack:
     """Start two workers, wait for them, then the router, and wait until it sees both."""
     *worker_ports, router_port = free_ports(3)
@@ -111,7 +102,7 @@ async def start_stack(children: Children, label: str, latency_ms: float) -> Stac
     for worker, port in zip(workers, worker_ports, strict=True):
         await wait_until(
             f"{worker.name} on port {port}",
-            partial(_healthy, port),
+            partial(answers_health, port),
             children=children,
             within=STARTUP_TIMEOUT,
         )
@@ -121,7 +112,7 @@ async def start_stack(children: Children, label: str, latency_ms: float) -> Stac
     router = children.start(f"{label}-router", argv)
     await wait_until(
         f"{router.name} on port {router_port} with {len(workers)} healthy workers",
-        partial(_router_ready, router_port, len(workers)),
+        partial(router_sees, router_port, len(workers)),
         children=children,
         within=STARTUP_TIMEOUT,
     )
