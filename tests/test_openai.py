@@ -215,13 +215,22 @@ async def test_completions_with_text_or_ids_and_streaming(nursery, qwen3):
         )
         by_ids = await client.completions.create(model="default", prompt=ids, max_tokens=6)
         stream = await client.completions.create(
-            model="default", prompt="Once upon a time", max_tokens=6, stream=True
+            model="default",
+            prompt="Once upon a time",
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
         )
-        streamed = "".join([c.choices[0].text async for c in stream])
+        pieces = [c async for c in stream]
+        streamed = "".join(c.choices[0].text for c in pieces)
         models = await client.models.list()
         await client.close()
     assert by_text.choices[0].text == by_ids.choices[0].text == streamed
     assert by_text.usage.prompt_tokens == len(ids)
+    assert len({c.id for c in pieces}) == 1
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+    assert pieces[-1].usage is not None
+    assert pieces[-1].usage.model_dump() == by_text.usage.model_dump()
     assert [m.id for m in models.data] == ["default"]
 
 

@@ -250,20 +250,32 @@ async def test_streaming_and_plain_turns_give_the_same_content_and_records(nurse
         plain = await turn(client, url, plain_sid, messages)
         stream_sid = await open_session(client, url)
         text = ""
+        events = []
         async with client.stream(
             "POST",
             f"{url}/sessions/{stream_sid}/v1/chat/completions",
-            json={"messages": messages, "max_tokens": 12, "stream": True},
+            json={
+                "messages": messages,
+                "max_tokens": 12,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
         ) as r:
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     event = orjson.loads(line[6:])
+                    events.append(event)
                     for choice in event.get("choices", []):
                         text += choice["delta"].get("content") or ""
         a = await state(client, url, plain_sid)
         b = await state(client, url, stream_sid)
     assert text == plain["choices"][0]["message"]["content"]
     assert a["metadata"] == b["metadata"]
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"] == plain["usage"]
+    last_choice = events[-2]["choices"][0]
+    assert last_choice["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert last_choice["meta_info"].keys() == plain["choices"][0]["meta_info"].keys()
 
 
 async def test_samples_export_json_and_safetensors_with_truncation_and_r3(nursery, client, qwen3):

@@ -203,6 +203,30 @@ def sse(data: Any) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+class Chunks:
+    """The server-sent events of one streamed completion: one id, time and model."""
+
+    def __init__(self, kind: str, model: str | None) -> None:
+        prefix = "chatcmpl" if kind == "chat.completion.chunk" else "cmpl"
+        self.base = {
+            "id": completion_id(prefix),
+            "object": kind,
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def choice(self, *, usage: Generated | None = None, **fields: Any) -> bytes:
+        """One event for choice 0, with the token counts of `usage` when given."""
+        event = {**self.base, "choices": [{"index": 0, **fields}]}
+        if usage is not None:
+            event["usage"] = usage_of(usage)
+        return sse(event)
+
+    def usage(self, result: Generated) -> bytes:
+        """The closing usage event of a chat stream (`stream_options.include_usage`)."""
+        return sse({**self.base, "choices": [], "usage": usage_of(result)})
+
+
 class SSEEvents:
     """Splits a byte stream into the data of its server-sent events."""
 
@@ -319,11 +343,7 @@ class OpenAIFrontend(Middleware):
             "created": int(time.time()),
             "model": call.model,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
+            "usage": usage_counts(prompt, completion),
         }
 
     def _chat_logprobs(self, call: Call, result: Generated) -> dict[str, Any] | None:
@@ -359,53 +379,28 @@ class OpenAIFrontend(Middleware):
     async def _chat_stream(
         self, request: ProxyRequest, call: Call, pending: Pending
     ) -> AsyncIterator[bytes]:
-        ident = completion_id("chatcmpl")
-        created = int(time.time())
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            return sse(
-                {
-                    "id": ident,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": call.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                }
-            )
-
+        chunks = Chunks("chat.completion.chunk", call.model)
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunks.choice(delta={"role": "assistant", "content": ""}, finish_reason=None)
             result: Generated | None = None
             async with aclosing(self.generate_stream(request, call, pending)) as items:
                 async for item in items:
                     if isinstance(item, str):
                         if item:
-                            yield chunk({"content": item})
+                            yield chunks.choice(delta={"content": item}, finish_reason=None)
                     else:
                         result = item
             assert result is not None
-            final = {"finish_reason": FINISH.get(result.finish, result.finish)}
             last: dict[str, Any] = {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": call.model,
-                "choices": [{"index": 0, "delta": {}, **final, "meta_info": result.meta}],
+                "delta": {},
+                "finish_reason": FINISH.get(result.finish, result.finish),
+                "meta_info": result.meta,
             }
             if call.logprobs:
-                last["choices"][0]["logprobs"] = self._chat_logprobs(call, result)
-            yield sse(last)
+                last["logprobs"] = self._chat_logprobs(call, result)
+            yield chunks.choice(**last)
             if call.include_usage:
-                yield sse(
-                    {
-                        "id": ident,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": call.model,
-                        "choices": [],
-                        "usage": _usage(result.prompt_tokens, len(result.ids)),
-                    }
-                )
+                yield chunks.usage(result)
         except RouterError as exc:
             yield sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
         finally:
@@ -504,7 +499,7 @@ class OpenAIFrontend(Middleware):
             "created": int(time.time()),
             "model": call.model,
             "choices": choices,
-            "usage": _usage(results[0].prompt_tokens, completion),
+            "usage": usage_counts(results[0].prompt_tokens, completion),
         }
         return Reply(200, orjson.dumps(answer), list(JSON))
 
@@ -525,8 +520,7 @@ class OpenAIFrontend(Middleware):
     async def _completion_stream(
         self, request: ProxyRequest, call: Call, pending: Pending
     ) -> AsyncIterator[bytes]:
-        ident = completion_id("cmpl")
-        created = int(time.time())
+        chunks = Chunks("text_completion", call.model)
         try:
             result: Generated | None = None
             async with aclosing(self.generate_stream(request, call, pending)) as items:
@@ -534,43 +528,13 @@ class OpenAIFrontend(Middleware):
                     if not isinstance(item, str):
                         result = item
                     elif item:
-                        yield sse(
-                            {
-                                "id": ident,
-                                "object": "text_completion",
-                                "created": created,
-                                "model": call.model,
-                                "choices": [
-                                    {
-                                        "index": 0,
-                                        "text": item,
-                                        "logprobs": None,
-                                        "finish_reason": None,
-                                    }
-                                ],
-                            }
-                        )
+                        yield chunks.choice(text=item, logprobs=None, finish_reason=None)
             assert result is not None
-            yield sse(
-                {
-                    "id": ident,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": call.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "text": "",
-                            "logprobs": None,
-                            "finish_reason": FINISH.get(result.finish, result.finish),
-                        }
-                    ],
-                    **(
-                        {"usage": _usage(result.prompt_tokens, len(result.ids))}
-                        if call.include_usage
-                        else {}
-                    ),
-                }
+            yield chunks.choice(
+                text="",
+                logprobs=None,
+                finish_reason=FINISH.get(result.finish, result.finish),
+                usage=result if call.include_usage else None,
             )
         except RouterError as exc:
             yield sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
@@ -624,12 +588,7 @@ class OpenAIFrontend(Middleware):
         fetched = await fetch(
             self.router, self.upstream_request(request, "/generate", body, pending)
         )
-        if fetched.status != 200:
-            raise worker_error(fetched.status, fetched.body)
-        try:
-            answer = orjson.loads(fetched.body)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamProtocolError(f"worker sent invalid JSON: {exc}") from None
+        answer = worker_answer(fetched)
         result = _generated(answer, len(pending.prompt.ids), fetched.worker)
         if record:
             self.cache.insert_answer(replace(pending, chunks=[]), answer, fetched.worker)
@@ -723,12 +682,26 @@ async def as_chunks(answer: dict[str, Any], include_usage: bool) -> AsyncIterato
     yield b"data: [DONE]\n\n"
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def usage_counts(prompt: int, completion: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def usage_of(result: Generated) -> dict[str, int]:
+    return usage_counts(result.prompt_tokens, len(result.ids))
+
+
+def worker_answer(fetched: Fetched) -> Any:
+    """The JSON of a worker's 200 answer; any other status or a garbled body is an error."""
+    if fetched.status != 200:
+        raise worker_error(fetched.status, fetched.body)
+    try:
+        return orjson.loads(fetched.body)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamProtocolError(f"worker sent invalid JSON: {exc}") from None
 
 
 def worker_error(status: int, raw: bytes) -> RouterError:

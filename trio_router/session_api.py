@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from .errors import BadRequest, NotFound, RouterError, UpstreamProtocolError
+from .errors import BadRequest, NotFound, RouterError
 from .hooks import Middleware, ProxyRequest, Reply
 from .openai_api import (
     FINISH,
     JSON,
     SSE_HEADERS,
     Call,
+    Chunks,
     Generated,
     OpenAIFrontend,
     as_chunks,
@@ -37,7 +38,8 @@ from .openai_api import (
     parse_call,
     parse_messages,
     sse,
-    worker_error,
+    usage_of,
+    worker_answer,
 )
 from .policies import Sticky
 from .radix import Trajectory
@@ -218,12 +220,7 @@ class SessionFrontend(Middleware):
         self, request: ProxyRequest, body: dict[str, Any], pending: Pending
     ) -> Generated:
         fetched = await self.frontend.worker_chat(request, body, pending)
-        if fetched.status != 200:
-            raise worker_error(fetched.status, fetched.body)
-        try:
-            answer = orjson.loads(fetched.body)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamProtocolError(f"worker sent invalid JSON: {exc}") from None
+        answer = worker_answer(fetched)
         return generated_choice(answer, len(pending.prompt.ids), fetched.worker)
 
     async def _streamed_turn(
@@ -235,22 +232,9 @@ class SessionFrontend(Middleware):
         plan: Plan,
         messages: list[dict[str, Any]],
     ) -> AsyncIterator[bytes]:
-        ident = completion_id("chatcmpl")
-        created = int(time.time())
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> bytes:
-            return sse(
-                {
-                    "id": ident,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": call.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **more}],
-                }
-            )
-
+        chunks = Chunks("chat.completion.chunk", call.model)
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunks.choice(delta={"role": "assistant", "content": ""}, finish_reason=None)
             result: Generated | None = None
             async with aclosing(
                 self.frontend.generate_stream(request, call, pending, record=False)
@@ -259,25 +243,16 @@ class SessionFrontend(Middleware):
                     if not isinstance(item, str):
                         result = item
                     elif item:
-                        yield chunk({"content": item})
+                        yield chunks.choice(delta={"content": item}, finish_reason=None)
             assert result is not None
             self._commit(session, plan, messages, pending.prompt, result)
-            yield chunk({}, FINISH.get(result.finish, result.finish), meta_info=self._meta(result))
+            yield chunks.choice(
+                delta={},
+                finish_reason=FINISH.get(result.finish, result.finish),
+                meta_info=self._meta(result),
+            )
             if call.include_usage:
-                yield sse(
-                    {
-                        "id": ident,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": call.model,
-                        "choices": [],
-                        "usage": {
-                            "prompt_tokens": result.prompt_tokens,
-                            "completion_tokens": len(result.ids),
-                            "total_tokens": result.prompt_tokens + len(result.ids),
-                        },
-                    }
-                )
+                yield chunks.usage(result)
         except RouterError as exc:
             yield sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
         yield b"data: [DONE]\n\n"
@@ -351,11 +326,7 @@ class SessionFrontend(Middleware):
                     "meta_info": self._meta(result),
                 }
             ],
-            "usage": {
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": len(result.ids),
-                "total_tokens": result.prompt_tokens + len(result.ids),
-            },
+            "usage": usage_of(result),
         }
 
     # -- samples ------------------------------------------------------------------------
