@@ -15,6 +15,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from trio_router.server import answer_lifespan
+
 Message = MutableMapping[str, Any]
 
 
@@ -60,12 +62,8 @@ class ScriptedUpstream:
         send: Callable[[Message], Awaitable[None]],
     ) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].removeprefix("lifespan.")
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()

@@ -52,6 +52,16 @@ class RunningRouter:
     prometheus_url: str | None = None
 
 
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge an ASGI lifespan's startup and shutdown (for apps with no set-up)."""
+    while True:
+        message = await receive()
+        kind = message["type"].removeprefix("lifespan.")
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return
+
+
 class PrometheusApp:
     """A tiny ASGI app serving only the Prometheus exposition (extra listener)."""
 
@@ -60,12 +70,8 @@ class PrometheusApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].removeprefix("lifespan.")
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         if scope["path"] not in ("/metrics", "/prometheus") or scope["method"] != "GET":
