@@ -21,26 +21,9 @@ from trio_router.policies import (
     Sticky,
     make_policy,
 )
-from trio_router.pool import HealthRules, Lease, Worker, WorkerPool, WorkerState
+from trio_router.pool import Lease, WorkerPool, WorkerState
 
-
-def url(i: int) -> str:
-    return f"http://10.0.0.{i}:8000"
-
-
-def make_pool(n: int, now: float = 0.0) -> WorkerPool:
-    """A pool of ``n`` workers ``http://10.0.0.{i}:8000``, all HEALTHY."""
-    pool = WorkerPool(rules=HealthRules(failure_threshold=3, success_threshold=2))
-    for i in range(n):
-        pool.add(url(i), now)
-        pool.probe_succeeded(url(i), now)
-    return pool
-
-
-def worker(pool: WorkerPool, i: int) -> Worker:
-    w = pool.get(url(i))
-    assert w is not None
-    return w
+from .pools import make_pool, url, worker
 
 
 def load(pool: WorkerPool, i: int, n: int) -> list[Lease]:
