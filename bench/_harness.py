@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import signal
 import socket
@@ -489,13 +490,23 @@ def run_bench(
     *args: object,
     children: Children,
     expected: tuple[type[BaseException], ...] = (BenchError,),
+    timeout: float | None = None,
 ) -> int:
     """``trio.run(run, *args)``; expected failures become one line and exit 1.
 
-    Ctrl-C exits 130. Every child process is stopped, whatever happens.
+    With ``timeout`` a run that takes longer fails as a ``BenchError``. Ctrl-C
+    exits 130. Every child process is stopped, whatever happens.
     """
+
+    async def bounded() -> int | None:
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                return await run(*args)
+        except trio.TooSlowError:
+            raise BenchError(f"the run did not finish within --timeout {timeout:g} s") from None
+
     try:
-        result = trio.run(run, *args)
+        result = trio.run(bounded)
     except BaseException as exc:
         leaves = list(exception_leaves(exc))
         if any(isinstance(e, KeyboardInterrupt) for e in leaves):
@@ -511,11 +522,18 @@ def run_bench(
     return result or 0
 
 
+def print_figures(figures: Mapping[str, object], places: int) -> None:
+    """The key figures as ``name=value`` lines, floats to ``places`` decimals."""
+    for name, value in figures.items():
+        print(f"{name}={value:.{places}f}" if isinstance(value, float) else f"{name}={value}")
+
+
 def write_json(path: Path | None, figures: Mapping[str, object], args: object) -> None:
     """Write the figures and the settings that produced them (``--json PATH``)."""
     if path is None:
         return
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         json.dumps({"figures": figures, "config": config}, indent=2, allow_nan=True) + "\n"
     )

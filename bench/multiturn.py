@@ -62,6 +62,7 @@ from _harness import (
     fmt,
     free_ports,
     percentile,
+    print_figures,
     router_sees,
     run_bench,
     table,
@@ -1031,18 +1032,9 @@ async def run(args: argparse.Namespace, children: Children) -> int:
     figures["wall_s"] = time.perf_counter() - began
     print(text)
     print()
-    for name, value in figures.items():
-        print(f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}")
+    print_figures(figures, places=4)
     write_json(args.json, figures, args)
     return 0
-
-
-async def run_bounded(args: argparse.Namespace, children: Children) -> int:
-    try:
-        with trio.fail_after(args.timeout):
-            return await run(args, children)
-    except trio.TooSlowError:
-        raise BenchError(f"the run did not finish within --timeout {args.timeout:g} s") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1050,11 +1042,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     children = Children()
     return run_bench(
         "multiturn",
-        run_bounded,
+        run,
         args,
         children,
         children=children,
         expected=(BenchError, httpx.HTTPError),
+        timeout=args.timeout,
     )
 
 

@@ -98,10 +98,12 @@ from _harness import (
     fmt,
     free_ports,
     percentile,
+    print_figures,
     router_sees,
     run_bench,
     table,
     wait_until,
+    write_json,
 )
 
 from trio_router.tokenizer import DEFAULT_TOKENIZER_DIR
@@ -900,27 +902,12 @@ async def run(args: argparse.Namespace, children: Children) -> int:
             print(f"plot: {saved}")
     figures["sessions_wall_s"] = time.perf_counter() - began
     print()
-    for name, value in figures.items():
-        print(f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}")
-    if args.json:
-        payload = {
-            "figures": figures,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    print_figures(figures, places=4)
+    write_json(args.json, figures, args)
     bad = figures["sessions_errors"] or any(
         not v.append_only or v.sticky is False for v in verdicts
     )
     return 1 if bad else 0
-
-
-async def run_bounded(args: argparse.Namespace, children: Children) -> int:
-    try:
-        with trio.fail_after(args.timeout):
-            return await run(args, children)
-    except trio.TooSlowError:
-        raise BenchError(f"the run did not finish within --timeout {args.timeout:g} s") from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -982,11 +969,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     children = Children()
     return run_bench(
         "sessions",
-        run_bounded,
+        run,
         args,
         children,
         children=children,
         expected=(BenchError, httpx.HTTPError),
+        timeout=args.timeout,
     )
 
 

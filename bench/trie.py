@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import sys
 import time
@@ -56,7 +55,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _harness import fmt, table
+from _harness import fmt, print_figures, table, write_json
 
 from trio_router.radix import Alignment, Node, RadixTrie
 from trio_router.sim.generation import vocab_from_tokenizer
@@ -719,14 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures["wall_s"] = time.perf_counter() - began
     print(text)
     print()
-    for name, value in figures.items():
-        print(f"{name}={value:.3f}" if isinstance(value, float) else f"{name}={value}")
-    if args.json:
-        payload = {
-            "figures": figures,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }
-        args.json.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    print_figures(figures, places=3)
+    write_json(args.json, figures, args)
     return 0
 
 
