@@ -48,6 +48,8 @@ REQUEST_TASKS = ("_cancel_on_disconnect", "task_group._handle", "_watch_disconne
 #: tasks that live as long as one TCP connection to a server (hypercorn keeps a connection
 #: that closed before sending a request until its keep-alive timeout)
 CONNECTION_TASKS = ("_run_handler", "TCPServer._idle_timeout")
+#: tasks that live for one health-check round (one probe per worker)
+PROBE_TASKS = ("HealthChecker.check",)
 
 
 @dataclass
@@ -291,12 +293,12 @@ def connection_tasks() -> int:
 
 
 def router_tasks() -> Counter[str]:
-    """The router's tasks, except those serving one request or one connection."""
+    """The router's tasks, except those serving one request, one connection or one probe."""
     return Counter(
         {
             name: n
             for name, n in tasks_by_name(under="trio_router.server.serve").items()
-            if not any(m in name for m in REQUEST_TASKS + CONNECTION_TASKS)
+            if not any(m in name for m in REQUEST_TASKS + CONNECTION_TASKS + PROBE_TASKS)
         }
     )
 
