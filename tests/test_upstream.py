@@ -9,6 +9,7 @@ gives exact control of the wire where hypercorn would be too polite.
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,7 @@ import orjson
 import pytest
 import trio
 import trio.testing
+import trustme
 
 from trio_router.config import RouterConfig
 from trio_router.errors import (
@@ -502,6 +504,37 @@ async def test_large_body_and_invalid_header_values(nursery):
             with pytest.raises(UpstreamError, match="invalid"):
                 await fetch(client, url, b"G(E)T")
     assert len(upstream.seen) == 1
+
+
+async def test_https_worker_answers_through_tls_and_keeps_the_connection(nursery):
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    [listener] = await trio.open_ssl_over_tcp_listeners(0, server_context, host="127.0.0.1")
+    url = f"https://127.0.0.1:{listener.transport_listener.socket.getsockname()[1]}"
+    heads: list[bytes] = []
+    big = bytes(range(256)) * 1000  # more than one read
+
+    async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        wire = Wire(stream, 1)  # type: ignore[arg-type]
+        while (head := await wire.request()) is not None:
+            heads.append(head)
+            await wire.send(ok(big if b"/big" in head else b"secure"))
+
+    nursery.start_soon(trio.serve_listeners, handler, [listener])
+    client = H11Upstream(UpstreamLimits(), ssl_context=client_context)
+    try:
+        with trio.fail_after(10):
+            response, chunks = await fetch(client, url)
+            assert (response.status, b"".join(chunks)) == (200, b"secure")
+            response, chunks = await fetch(client, url, b"POST", b"/big", b"x" * 100_000)
+            assert b"".join(chunks) == big
+            assert [c.is_idle() for c in client.pool.connections] == [True]
+    finally:
+        await client.aclose()
+    assert [h.split(b"\r\n")[0] for h in heads] == [b"GET /x HTTP/1.1", b"POST /big HTTP/1.1"]
 
 
 # -- wiring --------------------------------------------------------------------------------

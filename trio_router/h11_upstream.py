@@ -15,6 +15,7 @@ idle connection as we reused it (the race every keep-alive client has).
 
 from __future__ import annotations
 
+import os
 import select
 import ssl
 from collections import deque
@@ -75,7 +76,18 @@ class _Origin:
 class Connection:
     """One connection to a worker; ``h11`` tracks its current request/response cycle."""
 
-    __slots__ = ("_closed", "_idle", "_pool", "h11", "idle_since", "origin", "poller", "stream")
+    __slots__ = (
+        "_closed",
+        "_fd",
+        "_idle",
+        "_pool",
+        "_ready",
+        "h11",
+        "idle_since",
+        "origin",
+        "poller",
+        "stream",
+    )
 
     def __init__(self, pool: ConnectionPool, origin: _Origin, stream: trio.abc.Stream) -> None:
         self._pool = pool
@@ -85,11 +97,54 @@ class Connection:
         self.idle_since = 0.0
         self._closed = False
         self._idle = False
-        # TLS may deliver records (session tickets) on an idle connection: only poll plain TCP.
+        self._ready = False  # the last read filled the buffer: more is likely waiting
+        # Plain TCP is read and written on its descriptor (see ``receive``); TLS goes
+        # through trio's stream, and may deliver records (session tickets) on an idle
+        # connection, so only plain TCP is polled for stray bytes.
+        self._fd = -1
         self.poller: select.poll | None = None
         if isinstance(stream, trio.SocketStream):
+            self._fd = stream.socket.fileno()
             self.poller = select.poll()
-            self.poller.register(stream.socket.fileno(), select.POLLIN)
+            self.poller.register(self._fd, select.POLLIN)
+
+    async def receive(self) -> bytes:
+        """The next bytes from the worker (``b""`` at its end of stream).
+
+        On plain TCP this waits for readability first and then reads once:
+        answers arrive after a pause (the worker computes), so trying first
+        would cost a failed read and an extra pass of the scheduler each time.
+        After a read that filled the buffer it reads first, yielding once.
+        """
+        fd = self._fd
+        if fd < 0:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        while True:
+            if self._ready:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                self._ready = False
+                continue
+            self._ready = len(data) == RECEIVE_SIZE
+            return data
+
+    async def send(self, data: bytes) -> None:
+        """Send all of ``data``: on plain TCP one write when the socket takes it all
+        (a small request always fits), else through trio's stream."""
+        if self._fd >= 0:
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            await self.stream.send_all(memoryview(data)[sent:])
+            return
+        await self.stream.send_all(data)
 
     def is_idle(self) -> bool:
         return self._idle
@@ -114,7 +169,7 @@ class Connection:
 class ConnectionPool:
     """Idle connections per origin, and a bound on open connections to all of them."""
 
-    def __init__(self, limits: UpstreamLimits) -> None:
+    def __init__(self, limits: UpstreamLimits, ssl_context: ssl.SSLContext | None = None) -> None:
         self.limits = limits
         self._expiry = limits.keepalive_expiry
         self._origins: dict[tuple[bool, str, int], _Origin] = {}
@@ -124,7 +179,7 @@ class ConnectionPool:
         self._open: set[Connection] = set()
         self._next_sweep = 0.0
         self._closed = False
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
 
     @property
     def connections(self) -> list[Connection]:
@@ -302,8 +357,7 @@ class H11Response:
             while True:
                 event = state.next_event()
                 if event is h11.NEED_DATA:
-                    data = await conn.stream.receive_some(RECEIVE_SIZE)
-                    state.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
+                    state.receive_data(await conn.receive())
                     continue
                 kind = type(event)
                 if kind is h11.Data:
@@ -370,9 +424,10 @@ class _Exchange(AbstractAsyncContextManager[H11Response]):
 class H11Upstream:
     """Sends requests to workers over pooled HTTP/1.1 connections (see the module doc)."""
 
-    def __init__(self, limits: UpstreamLimits) -> None:
+    def __init__(self, limits: UpstreamLimits, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context`` verifies https workers (default: the system's CAs)."""
         self.limits = limits
-        self.pool = ConnectionPool(limits)
+        self.pool = ConnectionPool(limits, ssl_context)
 
     def stream(
         self,
@@ -473,15 +528,15 @@ class H11Upstream:
                             f"sending the request to {conn.origin.host} timed out"
                         )
                 else:
-                    await stream.send_all(payload)
+                    await conn.send(payload)
             except (trio.BrokenResourceError, OSError):
                 pass  # the worker may have answered early (or closed): read what it sent
             while True:
                 event = state.next_event()
                 if event is h11.NEED_DATA:
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    data = await conn.receive()
                     answered = answered or bool(data)
-                    state.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
+                    state.receive_data(data)
                 elif type(event) is h11.Response:
                     return event
                 elif type(event) is not h11.InformationalResponse:
