@@ -45,9 +45,8 @@ MEMORY_SLACK = 20 * 2**20
 #: tasks that live as long as one request: the router's disconnect watcher, hypercorn's
 #: ASGI app task, and a simulated worker's disconnect watcher
 REQUEST_TASKS = ("_cancel_on_disconnect", "task_group._handle", "_watch_disconnect")
-#: tasks that live as long as one TCP connection to a server (hypercorn keeps a connection
-#: that closed before sending a request until its keep-alive timeout)
-CONNECTION_TASKS = ("_run_handler", "TCPServer._idle_timeout")
+#: tasks that live as long as one TCP connection to a server
+CONNECTION_TASKS = ("_run_handler", "IdleWatch._watch")
 #: tasks that live for one health-check round (one probe per worker)
 PROBE_TASKS = ("HealthChecker.check",)
 

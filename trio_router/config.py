@@ -68,6 +68,9 @@ class RouterConfig:
     graceful_timeout: float = option(
         30.0, "seconds in-flight requests get to finish on SIGTERM/SIGINT"
     )
+    keep_alive_timeout: float = option(
+        75.0, "seconds an idle client connection is kept open (above common LB idle timeouts)"
+    )
     sticky_ttl: float = option(3600.0, "seconds an idle routing key stays pinned (sticky)")
     sticky_spill_factor: float = option(
         1.5, "a worker takes new pins only below this multiple of the mean pin count (sticky)"
@@ -167,6 +170,7 @@ class RouterConfig:
             "health_check_timeout",
             "connect_timeout",
             "sticky_ttl",
+            "keep_alive_timeout",
         ):
             if getattr(self, name) <= 0:
                 found.append(f"{name} must be > 0")

@@ -136,6 +136,7 @@ class Connection:
         """Send all of ``data``: on plain TCP one write when the socket takes it all
         (a small request always fits), else through trio's stream."""
         if self._fd >= 0:
+            await trio.lowlevel.checkpoint_if_cancelled()  # as send_all would: no yield
             try:
                 sent = os.write(self._fd, data)
             except BlockingIOError:

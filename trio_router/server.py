@@ -19,7 +19,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import hypercorn_guard
+from . import hypercorn_tuning
 from .app import create_app
 from .config import RouterConfig
 from .health import Probe
@@ -33,13 +33,18 @@ ShutdownTrigger = Callable[[], Awaitable[None]]
 
 
 def hypercorn_config(
-    host: str, port: int, *, graceful_timeout: float, max_header_size: int = 65536
+    host: str,
+    port: int,
+    *,
+    graceful_timeout: float,
+    max_header_size: int = 65536,
+    keep_alive_timeout: float = 75.0,
 ) -> HypercornConfig:
     cfg = HypercornConfig()
     cfg.h11_max_incomplete_size = max_header_size
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     cfg.graceful_timeout = graceful_timeout
-    cfg.keep_alive_timeout = 75  # above common load-balancer idle timeouts
+    cfg.keep_alive_timeout = keep_alive_timeout
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
     return cfg
@@ -94,13 +99,14 @@ async def serve(
 ) -> None:
     """Run the router until ``shutdown_trigger`` returns (or forever)."""
     trigger = shutdown_trigger or trio.sleep_forever
-    hypercorn_guard.install()
+    hypercorn_tuning.install()
     async with open_router(config, probe=probe, tokenizer=tokenizer) as router:
         cfg = hypercorn_config(
             config.host,
             config.port,
             graceful_timeout=config.graceful_timeout,
             max_header_size=config.max_header_size,
+            keep_alive_timeout=config.keep_alive_timeout,
         )
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
