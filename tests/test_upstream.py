@@ -1,8 +1,8 @@
 """The data-plane HTTP clients against real local servers.
 
-Behaviour every client must have runs against both (``H11Upstream``, the default,
+Behaviour every client must have runs against both (``LeanUpstream``, the default,
 and httpcore's ``Upstream``); the pool's own rules (reuse, the one retry, limits,
-closing instead of reusing) are checked on ``H11Upstream``. A raw socket server
+closing instead of reusing) are checked on ``LeanUpstream``. A raw socket server
 gives exact control of the wire where hypercorn would be too polite.
 """
 
@@ -26,18 +26,18 @@ from trio_router.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from trio_router.h11_upstream import H11Upstream
+from trio_router.lean_upstream import LeanUpstream
 from trio_router.upstream import Upstream, UpstreamClient, UpstreamLimits, UpstreamResponse
 
 from .conftest import start_router, start_scripted, start_worker
 from .scripted import Script
 from .test_proxy import free_port, wait_until
 
-CLIENTS = {"h11": H11Upstream, "httpcore": Upstream}
+CLIENTS = {"lean": LeanUpstream, "httpcore": Upstream}
 
 
 @asynccontextmanager
-async def open_client(kind: str = "h11", **limits: float) -> AsyncIterator[UpstreamClient]:
+async def open_client(kind: str = "lean", **limits: float) -> AsyncIterator[UpstreamClient]:
     client: UpstreamClient = CLIENTS[kind](UpstreamLimits(**limits))  # type: ignore[arg-type]
     try:
         yield client
@@ -224,14 +224,14 @@ async def test_sim_worker_answers_alike_through_both_clients(nursery, kind):
             assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
 
 
-# -- the h11 client's pool ------------------------------------------------------------------
+# -- the lean client's pool -----------------------------------------------------------------
 
 
 async def test_sequential_requests_reuse_one_connection(nursery):
     server = await serve_raw(nursery, answer_all)
     _, scripted_url = await start_scripted(nursery)
     async with open_client() as client:
-        assert isinstance(client, H11Upstream)
+        assert isinstance(client, LeanUpstream)
         with trio.fail_after(10):
             for i in range(20):
                 _, chunks = await fetch(client, server.url, b"POST", b"/n", b"%d" % i)
@@ -249,7 +249,7 @@ async def test_concurrent_requests_each_get_a_connection_then_share_them(nursery
     worker = await start_worker(nursery, latency_per_token_ms=1.0)
     body = orjson.dumps({"text": "x", "sampling_params": {"max_new_tokens": 4}})
     async with open_client() as client:
-        assert isinstance(client, H11Upstream)
+        assert isinstance(client, LeanUpstream)
 
         async def some(n: int) -> None:
             for _ in range(n):
@@ -355,7 +355,7 @@ async def test_connection_close_answer_stray_bytes_and_early_close_are_not_reuse
 
     server = await serve_raw(nursery, handler)
     async with open_client() as client:
-        assert isinstance(client, H11Upstream)
+        assert isinstance(client, LeanUpstream)
         with trio.fail_after(10):
             await fetch(client, server.url, b"GET", b"/close")
             assert client.pool.connections == []
@@ -375,7 +375,7 @@ async def test_connection_close_answer_stray_bytes_and_early_close_are_not_reuse
 async def test_expired_idle_connection_is_closed_not_reused(nursery):
     server = await serve_raw(nursery, answer_all)
     async with open_client(keepalive_expiry=4.0) as client:
-        assert isinstance(client, H11Upstream)
+        assert isinstance(client, LeanUpstream)
         with trio.fail_after(10):
             await fetch(client, server.url)
             [old] = client.pool.connections
@@ -391,7 +391,7 @@ async def test_cancelled_mid_body_closes_the_connection(nursery):
     gate = trio.Event()
     upstream.script = Script(chunks=[b"data: 1\n\n", gate, b"data: 2\n\n"])
     async with open_client() as client:
-        assert isinstance(client, H11Upstream)
+        assert isinstance(client, LeanUpstream)
         with trio.fail_after(10):
             with trio.CancelScope() as scope:
                 async with client.stream(url, b"POST", b"/generate", [], b"{}") as response:
@@ -417,7 +417,7 @@ async def test_truncated_and_malformed_answers_are_protocol_errors(nursery):
 
     server = await serve_raw(nursery, handler)
     async with open_client() as client:
-        assert isinstance(client, H11Upstream)
+        assert isinstance(client, LeanUpstream)
         with trio.fail_after(10):
             with pytest.raises(UpstreamProtocolError, match="broke the connection"):
                 await fetch(client, server.url, b"GET", b"/short")
@@ -434,7 +434,7 @@ async def test_read_until_close_answer_is_complete_and_not_reused(nursery):
 
     server = await serve_raw(nursery, handler)
     async with open_client() as client:
-        assert isinstance(client, H11Upstream)
+        assert isinstance(client, LeanUpstream)
         with trio.fail_after(10):
             _, chunks = await fetch(client, server.url)
         assert b"".join(chunks) == b"until the end"
@@ -477,7 +477,7 @@ async def test_pool_limit_closes_another_origins_idle_connection(nursery):
     first = await serve_raw(nursery, answer_all)
     second = await serve_raw(nursery, answer_all)
     async with open_client(max_connections=1, pool_timeout=0.2) as client:
-        assert isinstance(client, H11Upstream)
+        assert isinstance(client, LeanUpstream)
         with trio.fail_after(10):
             await fetch(client, first.url)
             [idle] = client.pool.connections
@@ -524,7 +524,7 @@ async def test_https_worker_answers_through_tls_and_keeps_the_connection(nursery
             await wire.send(ok(big if b"/big" in head else b"secure"))
 
     nursery.start_soon(trio.serve_listeners, handler, [listener])
-    client = H11Upstream(UpstreamLimits(), ssl_context=client_context)
+    client = LeanUpstream(UpstreamLimits(), ssl_context=client_context)
     try:
         with trio.fail_after(10):
             response, chunks = await fetch(client, url)
@@ -541,9 +541,9 @@ async def test_https_worker_answers_through_tls_and_keeps_the_connection(nursery
 
 
 def test_upstream_client_option_is_checked():
-    assert RouterConfig().upstream_client == "h11"
+    assert RouterConfig().upstream_client == "lean"
     assert RouterConfig(upstream_client="curl").problems() == [
-        "upstream_client must be h11 or httpcore, not 'curl'"
+        "upstream_client must be lean or httpcore, not 'curl'"
     ]
 
 

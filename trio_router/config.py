@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .policies import POLICY_NAMES
 
 MiB = 1024 * 1024
-UPSTREAM_CLIENTS = ("h11", "httpcore")
+UPSTREAM_CLIENTS = ("lean", "httpcore")
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -60,8 +60,8 @@ class RouterConfig:
         4.0, "seconds an idle upstream connection is kept (below SGLang's 5 s keep-alive)"
     )
     upstream_client: str = option(
-        "h11",
-        "data-plane HTTP client: h11 (lean, default) or httpcore",
+        "lean",
+        "data-plane HTTP client: lean (our own, default) or httpcore",
         choices=UPSTREAM_CLIENTS,
     )
     max_body_size: int = option(32 * MiB, "largest request body accepted, in bytes (413 beyond)")
@@ -164,7 +164,7 @@ class RouterConfig:
         if self.policy not in POLICY_NAMES:
             found.append(f"policy must be one of {', '.join(POLICY_NAMES)}, not {self.policy!r}")
         if self.upstream_client not in UPSTREAM_CLIENTS:
-            found.append(f"upstream_client must be h11 or httpcore, not {self.upstream_client!r}")
+            found.append(f"upstream_client must be lean or httpcore, not {self.upstream_client!r}")
         for name in (
             "health_check_interval",
             "health_check_timeout",

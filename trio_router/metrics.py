@@ -138,6 +138,8 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.recent: deque[float] = deque(maxlen=2048)  # latencies for the dashboard
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._decided: dict[tuple[str, str], Counter] = {}  # policies' branches: a few
         r = self.registry
         self.requests = Counter(
             "trio_router_requests",
@@ -183,11 +185,24 @@ class Metrics:
         )
         r.register(PoolCollector(pool, service_restarts))
 
+    def decided(self, policy: str, branch: str) -> None:
+        """Count one routing decision."""
+        key = (policy, branch)
+        counter = self._decided.get(key)
+        if counter is None:
+            counter = self._decided[key] = self.decisions.labels(policy, branch)
+        counter.inc()
+
     def observe(self, path: str, worker: str, status: int, duration: float) -> None:
-        label = path_label(path)
-        code = str(status)
-        self.requests.labels(label, worker, code).inc()
-        self.latency.labels(label, worker, code).observe(duration)
+        key = (path, worker, status)
+        series = self._series.get(key)
+        if series is None:  # label sets are few (paths are bucketed) and never removed
+            labels = (path_label(path), worker, str(status))
+            series = (self.requests.labels(*labels), self.latency.labels(*labels))
+            if len(self._series) < 10_000:
+                self._series[key] = series
+        series[0].inc()
+        series[1].observe(duration)
         self.recent.append(duration)
 
     def latency_summary(self) -> dict[str, float | int]:

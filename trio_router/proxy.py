@@ -382,7 +382,7 @@ async def open_exchange(
             if last_error is not None:
                 raise last_error from None  # every worker tried refused the connection
             raise
-        router.metrics.decisions.labels(policy.name, decision.branch).inc()
+        router.metrics.decided(policy.name, decision.branch)
         if router.chain.active:
             router.chain.on_route(request, decision)
         worker = decision.worker

@@ -19,9 +19,9 @@ import trio
 
 from .config import RouterConfig
 from .errors import ConfigError, RouterError
-from .h11_upstream import H11Upstream
 from .health import HealthChecker, Probe, http_probe
 from .hooks import Middleware, MiddlewareChain, load_middleware
+from .lean_upstream import LeanUpstream
 from .metrics import CacheCollector, Metrics
 from .openai_api import OpenAIFrontend
 from .policies import Policy, make_policy
@@ -86,7 +86,7 @@ class Router:
             connect_timeout=config.connect_timeout,
         )
         self.upstream: UpstreamClient = (
-            Upstream(limits) if config.upstream_client == "httpcore" else H11Upstream(limits)
+            Upstream(limits) if config.upstream_client == "httpcore" else LeanUpstream(limits)
         )
         self.token_cache: TokenCache | None = None
         self.sessions: SessionFrontend | None = None

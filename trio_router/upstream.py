@@ -1,7 +1,7 @@
 """The data-plane client to workers: what the proxy needs of it, and the httpcore one.
 
 ``UpstreamClient`` and ``UpstreamResponse`` are all the proxy relies on. Two
-clients provide them: ``h11_upstream.H11Upstream`` (the default, a lean pool of
+clients provide them: ``lean_upstream.LeanUpstream`` (the default, a lean pool of
 its own) and ``Upstream`` here, over httpcore's pool (``--upstream-client
 httpcore``). httpx is a convenience layer over httpcore; the proxy needs none of
 it (no redirects, cookies or URL parsing per request), so ``Upstream`` talks to

@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 client to workers: hand-built requests, h11-parsed responses, a small pool.
+"""A lean HTTP/1.1 client to workers: hand-built requests, a small pool, raw socket I/O.
 
 httpcore's pool re-examines every idle connection on every request (a readability
 poll each, plus list juggling), which cost about a third of the router's CPU per
@@ -7,10 +7,12 @@ the most recently used one, checks only that one (a zero-timeout poll: did the
 worker close it or send stray bytes?) and pushes it back once its response was
 read to the end. Expired connections are dropped from the deque's old end.
 
-The request head is built by hand (the proxy already holds validated bytes); h11
-parses the response. A request that fails on a reused connection before any byte
-of an answer arrived is sent once more on a fresh connection: the worker closed the
-idle connection as we reused it (the race every keep-alive client has).
+The request head is built by hand (the proxy already holds validated bytes) and
+``http1.ResponseReader`` parses the response. Plain TCP is read and written on the
+socket's descriptor (see ``Connection.receive``), TLS through trio's stream. A
+request that fails on a reused connection before any byte of an answer arrived is
+sent once more on a fresh connection: the worker closed the idle connection as we
+reused it (the race every keep-alive client has).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from .errors import (
@@ -33,28 +34,13 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .http1 import ProtocolError, ResponseReader, is_token
 from .upstream import UpstreamLimits
 
 RECEIVE_SIZE = 65536
 COALESCE = 65536  # a body up to this size goes out in one send with the head
-MAX_HEAD = 65536  # largest response head accepted
 NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
-BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
-_EOM = h11.EndOfMessage()
-_SHADOW_HEADERS = [(b"host", b"upstream")]
-_shadows: dict[bytes, h11.Request] = {}
-
-
-def _shadow(method: bytes) -> h11.Request:
-    """A stand-in h11 request for ``method``: the real head is sent by hand, but h11
-    needs to know what was asked (a HEAD answer has no body) and that a request was
-    sent, to frame the response and start the next cycle."""
-    request = _shadows.get(method)
-    if request is None:
-        request = h11.Request(method=method, target=b"/", headers=_SHADOW_HEADERS)
-        if len(_shadows) < 64:
-            _shadows[method] = request
-    return request
+BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProtocolError)
 
 
 class _Origin:
@@ -74,7 +60,7 @@ class _Origin:
 
 
 class Connection:
-    """One connection to a worker; ``h11`` tracks its current request/response cycle."""
+    """One connection to a worker; ``reader`` parses the responses it carries."""
 
     __slots__ = (
         "_closed",
@@ -82,10 +68,10 @@ class Connection:
         "_idle",
         "_pool",
         "_ready",
-        "h11",
         "idle_since",
         "origin",
         "poller",
+        "reader",
         "stream",
     )
 
@@ -93,7 +79,7 @@ class Connection:
         self._pool = pool
         self.origin = origin
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.reader = ResponseReader()
         self.idle_since = 0.0
         self._closed = False
         self._idle = False
@@ -159,6 +145,7 @@ class Connection:
             return
         self._closed = True
         self._idle = False
+        self._fd = -1  # the number may soon belong to another socket
         stream = self.stream
         while isinstance(stream, trio.SSLStream):
             stream = stream.transport_stream
@@ -219,16 +206,7 @@ class ConnectionPool:
 
     def release(self, conn: Connection) -> None:
         """Keep ``conn`` for the next request if its exchange ended cleanly, else close it."""
-        state = conn.h11
-        if (
-            state.our_state is h11.DONE
-            and state.their_state is h11.DONE
-            and not self._waiting
-            and not self._closed
-            and self._expiry > 0
-            and not state.trailing_data[0]
-        ):
-            state.start_next_cycle()
+        if conn.reader.reusable and not self._waiting and not self._closed and self._expiry > 0:
             conn.idle_since = trio.current_time()
             conn._idle = True
             conn.origin.idle.append(conn)
@@ -327,7 +305,7 @@ class ConnectionPool:
             origin.idle.clear()
 
 
-class H11Response:
+class LeanResponse:
     """A worker's response: status, headers (lower-case names) and the body as chunks,
     yielded as they arrive. Read to the end, its connection goes back to the pool;
     closed early (or on any error or cancellation), the connection is closed."""
@@ -335,16 +313,19 @@ class H11Response:
     __slots__ = ("_conn", "_pool", "_state", "headers", "status", "url")
 
     def __init__(
-        self, head: h11.Response, url: str, conn: Connection, pool: ConnectionPool
+        self,
+        head: tuple[int, list[tuple[bytes, bytes]]],
+        url: str,
+        conn: Connection,
+        pool: ConnectionPool,
     ) -> None:
-        self.status = head.status_code
-        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self.status, self.headers = head
         self.url = url
         self._conn: Connection | None = conn
         self._pool = pool
         self._state = 0  # 0 reading, 1 complete, 2 closed early
 
-    def __aiter__(self) -> H11Response:
+    def __aiter__(self) -> LeanResponse:
         return self
 
     async def __anext__(self) -> bytes:
@@ -353,22 +334,10 @@ class H11Response:
             if self._state == 1:
                 raise StopAsyncIteration
             raise UpstreamProtocolError(f"response from worker {self.url} was closed")
-        state = conn.h11
+        reader = conn.reader
         try:
-            while True:
-                event = state.next_event()
-                if event is h11.NEED_DATA:
-                    state.receive_data(await conn.receive())
-                    continue
-                kind = type(event)
-                if kind is h11.Data:
-                    data = event.data  # type: ignore[union-attr]
-                    if data:
-                        return bytes(data)
-                    continue
-                if kind is h11.EndOfMessage:
-                    break
-                raise trio.BrokenResourceError("the connection closed mid-response")
+            while (piece := reader.body()) is None:
+                reader.feed(await conn.receive())
         except BaseException as exc:
             self._conn = None
             self._state = 2
@@ -378,6 +347,8 @@ class H11Response:
                     f"worker {self.url} broke the connection: {exc}"
                 ) from exc
             raise
+        if piece:
+            return piece
         self._conn = None
         self._state = 1
         self._pool.release(conn)
@@ -396,19 +367,19 @@ class _Unanswered(Exception):
     """The connection failed before any byte of a response arrived."""
 
 
-class _Exchange(AbstractAsyncContextManager[H11Response]):
+class _Exchange(AbstractAsyncContextManager[LeanResponse]):
     __slots__ = ("_args", "_client", "_response")
 
     def __init__(
         self,
-        client: H11Upstream,
+        client: LeanUpstream,
         args: tuple[str, bytes, bytes, list[tuple[bytes, bytes]], bytes],
     ) -> None:
         self._client = client
         self._args = args
-        self._response: H11Response | None = None
+        self._response: LeanResponse | None = None
 
-    async def __aenter__(self) -> H11Response:
+    async def __aenter__(self) -> LeanResponse:
         self._response = await self._client.open(*self._args)
         return self._response
 
@@ -422,7 +393,7 @@ class _Exchange(AbstractAsyncContextManager[H11Response]):
             await self._response.aclose()
 
 
-class H11Upstream:
+class LeanUpstream:
     """Sends requests to workers over pooled HTTP/1.1 connections (see the module doc)."""
 
     def __init__(self, limits: UpstreamLimits, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -437,7 +408,7 @@ class H11Upstream:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-    ) -> AbstractAsyncContextManager[H11Response]:
+    ) -> AbstractAsyncContextManager[LeanResponse]:
         """Open a response from ``base_url``; it is closed when the block exits.
 
         ``target`` is the path plus query; ``headers`` must not carry host or
@@ -452,7 +423,7 @@ class H11Upstream:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-    ) -> H11Response:
+    ) -> LeanResponse:
         """Send the request and read the response head; the caller must ``aclose`` it."""
         pool = self.pool
         origin = pool.origin(base_url)
@@ -478,17 +449,15 @@ class H11Upstream:
             or not target.isascii()
         ):
             raise UpstreamError(f"invalid request line or header for worker {base_url}")
-        try:
-            shadow = _shadow(method)
-        except h11.LocalProtocolError as exc:
-            raise UpstreamError(f"invalid request method for worker {base_url}") from exc
+        if not is_token(method):
+            raise UpstreamError(f"invalid request method for worker {base_url}")
         conn = pool.checkout(origin)
         reused = conn is not None
         if conn is None:
             conn = await pool.connect(origin, base_url)
         while True:
             try:
-                head = await self._roundtrip(conn, shadow, payload, rest)
+                head = await self._roundtrip(conn, method, payload, rest)
             except _Unanswered as exc:
                 broke = UpstreamProtocolError(
                     f"worker {base_url} broke the connection without answering: "
@@ -506,19 +475,18 @@ class H11Upstream:
                 raise UpstreamProtocolError(
                     f"worker {base_url} broke the connection: {exc}"
                 ) from exc
-            return H11Response(head, base_url, conn, pool)
+            return LeanResponse(head, base_url, conn, pool)
 
     async def _roundtrip(
-        self, conn: Connection, shadow: h11.Request, payload: bytes, rest: bytes
-    ) -> h11.Response:
+        self, conn: Connection, method: bytes, payload: bytes, rest: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Send the request on ``conn`` and read the response head; on failure ``conn``
         is closed (``_Unanswered`` if no byte of an answer came)."""
-        state = conn.h11
+        reader = conn.reader
         stream = conn.stream
         answered = False
         try:
-            state.send(shadow)
-            state.send(_EOM)
+            reader.start(method)
             try:
                 if rest:  # a large body may fill the socket buffer: bound the wait
                     with trio.move_on_after(self.limits.write_timeout) as scope:
@@ -532,16 +500,11 @@ class H11Upstream:
                     await conn.send(payload)
             except (trio.BrokenResourceError, OSError):
                 pass  # the worker may have answered early (or closed): read what it sent
-            while True:
-                event = state.next_event()
-                if event is h11.NEED_DATA:
-                    data = await conn.receive()
-                    answered = answered or bool(data)
-                    state.receive_data(data)
-                elif type(event) is h11.Response:
-                    return event
-                elif type(event) is not h11.InformationalResponse:
-                    raise trio.BrokenResourceError("closed without a response")
+            while (head := reader.head()) is None:
+                data = await conn.receive()
+                answered = answered or bool(data)
+                reader.feed(data)
+            return head
         except BaseException as exc:
             conn.close()
             if not answered and isinstance(exc, BROKEN):
