@@ -190,3 +190,17 @@ def test_request_methods_must_be_tokens():
     assert not is_token(b"G(E)T")
     assert not is_token(b"")
     assert not is_token(b"GET /")
+
+
+garbage_heads = st.sampled_from(
+    [b"", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage_heads, st.binary(max_size=400), st.lists(st.integers(0, 500), max_size=6))
+def test_arbitrary_bytes_are_read_or_refused_never_anything_else(head, data, cuts):
+    try:
+        read_all(cut(head + data, cuts))
+    except ProtocolError:
+        pass
