@@ -93,11 +93,11 @@ async def test_idle_connections_time_out_busy_ones_do_not(nursery, connect):
         idle = await connect(running.url)
         await idle.send_all(GET_HEALTH)
         await read_answer(idle)
+        answered = trio.current_time()
         busy = await connect(running.url)
         await busy.send_all(b"POST /generate HTTP/1.1\r\nhost: r\r\ncontent-length: 2\r\n\r\n{}")
-        started = trio.current_time()
         assert await closed_by_server(idle)
-        assert 0.25 < trio.current_time() - started < 5
+        assert trio.current_time() - answered > 0.1  # by the timer, not at once
         await trio.sleep(0.5)  # the busy one outlives the timeout: its request is in progress
         gate.set()
         answer = b""

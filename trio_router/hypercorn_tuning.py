@@ -1,7 +1,7 @@
 """hypercorn's trio connection handler, made safe and lean for a proxy.
 
-``install()`` changes three things in hypercorn's ``TCPServer`` (class-level,
-idempotent); the last two only on the hypercorn series they were written
+``install()`` changes four things in hypercorn's ``TCPServer`` (class-level,
+idempotent); the last three only on the hypercorn series they were written
 against (0.18), the first on any:
 
 - **One connection's failure must not stop the server.** hypercorn 0.18 lets
@@ -15,6 +15,9 @@ against (0.18), the first on any:
   and through ``send_all``, two passes of the scheduler per piece. When no
   send is pending, a plain TCP socket is written at once; only what it does
   not take (a full buffer, an error) goes the original way, behind the lock.
+- **Reads wait, then read once.** On plain TCP with no read timeout, the
+  connection's read loop waits for readability and reads the socket once,
+  instead of a failed read, a scheduler pass and two context managers per read.
 - **One keep-alive timer per connection, started with it.** hypercorn
   cancels its idle task when a request starts and starts a new one, with
   ``nursery.start``, from inside the app's last ``send``. Until that task
@@ -39,8 +42,8 @@ from importlib.metadata import version
 from typing import Any
 
 import trio
-from hypercorn.events import RawData
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.events import Closed, RawData
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 log = logging.getLogger("trio_router.server")
 
@@ -92,6 +95,27 @@ class IdleWatch:
                 await self._server._initiate_server_close()
 
 
+async def read_socket(server: Any) -> None:
+    """hypercorn's read loop for plain TCP with no read timeout: wait, then read once.
+
+    Requests arrive after a pause (the client waits for the previous answer), so
+    trying first would cost a failed read; and trio's stream adds a scheduler pass
+    and, with hypercorn's ``fail_after``, two context managers to every read.
+    """
+    socket = server.stream.socket
+    while True:
+        fd = socket.fileno()  # each time: -1 once closed, never a reused number
+        try:
+            await trio.lowlevel.wait_readable(fd)
+            data = os.read(fd, MAX_RECV)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+            break
+        await server.protocol.handle(RawData(data))
+        if not data:
+            break
+    await server.protocol.handle(Closed())
+
+
 def install() -> None:
     """Tune hypercorn's trio connection handler (see the module doc; idempotent)."""
     if getattr(TCPServer, _ATTRIBUTE, False):
@@ -134,7 +158,10 @@ def install() -> None:
 
     async def read_data(self: Any) -> None:
         try:
-            await original_read(self)
+            if type(self.stream) is trio.SocketStream and not self.config.read_timeout:
+                await read_socket(self)
+            else:
+                await original_read(self)
         finally:
             self.idle_task.end()
 
