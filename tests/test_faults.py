@@ -165,7 +165,66 @@ async def test_worker_killed_mid_stream_cuts_the_stream_and_is_quarantined(nurse
     assert router.pool.statistics().total_inflight == 0
 
 
-async def test_worker_killed_before_answering_gives_a_clean_502(nursery, client):
+def retries(router: Router, path: str) -> float:
+    for line in router.metrics.render().decode().splitlines():
+        if line.startswith(f'trio_router_retries_total{{path="{path}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def kill_one_of_two_while_answering(
+    nursery: trio.Nursery, client: httpx.AsyncClient, **router_options: Any
+) -> tuple[list[int], Router, SimWorkerHandle, SimWorkerHandle]:
+    """Two workers, round robin; two requests, one per worker; the worker holding its
+    request unanswered is SIGKILLed. Returns both statuses and the parts."""
+    dying = await start_worker(nursery)
+    dying.app.faults.hang = True
+    other = await start_worker(nursery)
+    running = await start_router(
+        nursery, worker_urls=(dying.url, other.url), policy="round_robin", **router_options
+    )
+    statuses: list[int] = []
+
+    async def ask(text: str) -> None:
+        response = await client.post(running.url + "/generate", json={"text": text})
+        statuses.append(response.status_code)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(ask, "a")
+            n.start_soon(ask, "b")
+            await wait_until(lambda: dying.app.stats.active == 1)
+            dying.kill()
+        await wait_until(lambda: quiescent(running.router))
+    return sorted(statuses), running.router, dying, other
+
+
+async def test_worker_killed_before_answering_is_resent_to_another_worker(nursery, client):
+    statuses, router, dying, other = await kill_one_of_two_while_answering(nursery, client)
+    # The client had nothing yet, so its generation went to the live worker.
+    assert statuses == [200, 200]
+    # the worker counts a generation once its handler has returned, just after the answer
+    with trio.fail_after(5):
+        await wait_until(lambda: other.app.stats.completed == 2)
+    assert retries(router, "/generate") == 1
+    assert state(router, dying.url) in ("suspect", "quarantined")
+
+
+async def test_without_resending_a_worker_killed_before_answering_gives_a_clean_502(
+    nursery, client
+):
+    statuses, router, _, other = await kill_one_of_two_while_answering(
+        nursery, client, resend_unanswered=False
+    )
+    assert statuses == [200, 502]
+    with trio.fail_after(5):
+        await wait_until(lambda: other.app.stats.completed == 1)
+    await trio.sleep(0.05)
+    assert other.app.stats.completed == 1
+    assert retries(router, "/generate") == 0
+
+
+async def test_worker_killed_before_answering_with_nowhere_else_to_go_gives_a_502(nursery, client):
     worker = await start_worker(nursery)
     worker.app.faults.hang = True
     running = await start_router(nursery, worker_urls=(worker.url,))
@@ -184,11 +243,10 @@ async def test_worker_killed_before_answering_gives_a_clean_502(nursery, client)
         # its probes now fail: quarantined after the threshold
         await wait_until(lambda: state(router, worker.url) == "quarantined")
     [response] = results
-    # It reached the worker, so it is not retried: the client gets the broken exchange.
     assert response.status_code == 502
     error = response.json()["error"]
     assert (error["type"], error["code"]) == ("upstream_error", 502)
-    assert "broke the connection" in error["message"]
+    assert "broke the connection without answering" in error["message"]
 
 
 async def serve_dropping_upstream(nursery: trio.Nursery) -> str:
@@ -242,6 +300,34 @@ async def test_a_worker_that_drops_requests_before_answering_counts_as_failing(n
     assert worker is not None
     assert worker.errors_total == 2
     assert worker.state.value == "quarantined"
+
+
+async def test_only_inference_and_read_only_paths_are_resent(nursery, client):
+    """A path opened with --proxy-allow may do anything: dropped unanswered, it is not resent."""
+    dropping = await serve_dropping_upstream(nursery)
+    live = await start_worker(nursery)
+    running = await start_router(
+        nursery,
+        worker_urls=(dropping, live.url),
+        policy="round_robin",
+        proxy_allow=("/custom_op",),
+    )
+    router = running.router
+    with trio.fail_after(10):
+        custom = [
+            (await client.post(running.url + "/custom_op", json={"i": i})).status_code
+            for i in range(2)
+        ]  # round robin: one of the two went to the dropping worker
+        await wait_until(lambda: quiescent(router))
+        router.pool.probe_succeeded(dropping, trio.current_time())  # back in rotation
+        generated = [
+            (await client.post(running.url + "/generate", json={"text": f"q{i}"})).status_code
+            for i in range(2)
+        ]
+    assert 502 in custom
+    assert retries(router, "/custom_op") == 0
+    assert generated == [200, 200]
+    assert retries(router, "/generate") >= 1  # its health probes pass, so it may get both
 
 
 # -- workers that hang ----------------------------------------------------------------

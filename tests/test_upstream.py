@@ -25,6 +25,7 @@ from trio_router.errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamUnanswered,
 )
 from trio_router.lean_upstream import LeanUpstream
 from trio_router.upstream import Upstream, UpstreamClient, UpstreamLimits, UpstreamResponse
@@ -324,7 +325,7 @@ async def test_retry_refused_after_a_dropped_reused_connection_is_not_a_connect_
             await fetch(client, server.url)
             with pytest.raises(UpstreamError) as caught:
                 await fetch(client, server.url, b"POST", b"/2", b"b")
-    assert type(caught.value) is UpstreamProtocolError
+    assert type(caught.value) is UpstreamUnanswered
     assert "broke the connection" in caught.value.message
     assert isinstance(caught.value.__cause__, UpstreamConnectError)
 
@@ -335,10 +336,31 @@ async def test_fresh_connection_dropped_before_answering_is_not_retried(nursery)
 
     server = await serve_raw(nursery, drop)
     async with open_client() as client:
-        with trio.fail_after(10), pytest.raises(UpstreamProtocolError, match="broke the conn"):
+        with trio.fail_after(10), pytest.raises(UpstreamUnanswered, match="broke the conn"):
             await fetch(client, server.url, b"POST", b"/once", b"a")
         assert client.pool.connections == []  # type: ignore[attr-defined]
     assert server.connections == 1
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_a_request_read_and_dropped_unanswered_is_told_apart(nursery, kind):
+    """Both clients say "sent, then dropped before any answer" (the proxy may resend it),
+    and a truncated answer is a different error."""
+
+    async def drop(wire: Wire, server: RawServer) -> None:
+        head = await wire.request() or b""
+        server.requests.append((wire.index, head))
+        if b"/truncated" in head:
+            await wire.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+
+    server = await serve_raw(nursery, drop)
+    async with open_client(kind) as client:
+        with trio.fail_after(10):
+            with pytest.raises(UpstreamUnanswered, match="broke the connection"):
+                await fetch(client, server.url, b"POST", b"/once", b"a")
+            with pytest.raises(UpstreamProtocolError) as caught:
+                await fetch(client, server.url, b"POST", b"/truncated", b"a")
+    assert type(caught.value) is UpstreamProtocolError
 
 
 async def test_connection_close_answer_stray_bytes_and_early_close_are_not_reused(nursery):

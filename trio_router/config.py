@@ -49,7 +49,14 @@ class RouterConfig:
     )
     health_check_endpoint: str = option("/health", "worker path probed for health")
     max_retries: int = option(
-        2, "extra attempts on another worker when a request provably never reached the first"
+        2,
+        "extra attempts on another worker for a request that could not be sent, "
+        "or (--resend-unanswered) was dropped unanswered",
+    )
+    resend_unanswered: bool = option(
+        True,
+        "send an inference request to another worker (within --max-retries) when its worker "
+        "broke the connection before answering, as a crashed worker does",
     )
     request_timeout: float = option(
         3600.0, "total seconds one proxied request may take, streaming included (0 = no limit)"

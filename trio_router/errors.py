@@ -14,6 +14,7 @@
         ├── UpstreamConnectError     502 (never reached the worker: safe to retry)
         ├── UpstreamTimeout          504 upstream_timeout
         └── UpstreamProtocolError    502 (malformed or truncated answer)
+            └── UpstreamUnanswered   502 (sent, then the connection broke before any answer)
 
 Foreign exceptions (httpx, JSON, tokenizer) are translated at the boundary that
 meets them; the HTTP edge turns any ``RouterError`` into ``error_body()`` JSON.
@@ -107,6 +108,14 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     pass
+
+
+class UpstreamUnanswered(UpstreamProtocolError):
+    """The worker broke the connection after the request was sent, before answering.
+
+    The request may have run (a crashed worker), but the client has nothing yet, so an
+    inference request may go to another worker (``--resend-unanswered``).
+    """
 
 
 def error_body(message: str, kind: str, status: int) -> bytes:

@@ -33,6 +33,7 @@ from .errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    UpstreamUnanswered,
 )
 from .http1 import ProtocolError, ResponseReader, is_token
 from .upstream import UpstreamLimits
@@ -459,7 +460,7 @@ class LeanUpstream:
             try:
                 head = await self._roundtrip(conn, method, payload, rest)
             except _Unanswered as exc:
-                broke = UpstreamProtocolError(
+                broke = UpstreamUnanswered(
                     f"worker {base_url} broke the connection without answering: "
                     f"{exc.__cause__ or 'closed'}"
                 )

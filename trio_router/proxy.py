@@ -31,12 +31,13 @@ from .errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamUnanswered,
     error_body,
 )
 from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
 from .policies import Policy
 from .router import Router
-from .security import BROADCAST_PATHS
+from .security import BROADCAST_PATHS, is_resendable
 from .upstream import UpstreamResponse
 
 log = logging.getLogger("trio_router.proxy")
@@ -359,16 +360,17 @@ async def open_exchange(
     """Choose a worker, lease it and open its response to ``request``.
 
     A request that provably never reached a worker (connection refused) is
-    sent to another, up to ``max_retries`` times. Connection errors and 5xx
-    answers count against the worker; the lease is released however the
-    block ends.
+    sent to another, up to ``max_retries`` times; so is an inference request
+    whose worker broke the connection before answering (``resend_unanswered``).
+    Connection errors and 5xx answers count against the worker; the lease is
+    released however the block ends.
     """
     progress = progress if progress is not None else Progress()
     tried: set[str] = set()
     headers = forward_headers(request.headers, DROP_REQUEST)
     method = request.method.encode()
     policy: Policy = request.state.get("policy") or router.policy
-    last_error: UpstreamConnectError | None = None
+    last_error: UpstreamConnectError | UpstreamUnanswered | None = None
     while True:
         try:
             decision = policy.choose(
@@ -396,9 +398,9 @@ async def open_exchange(
                         worker.url, method, request.target, headers, request.body
                     )
                 )
-            except UpstreamConnectError as exc:
+            except (UpstreamConnectError, UpstreamUnanswered) as exc:
                 passive_failure(router, worker.url, exc)
-                if len(tried) >= router.config.max_retries:
+                if len(tried) >= router.config.max_retries or not resendable(router, request, exc):
                     raise
                 last_error = exc
                 tried.add(worker.url)
@@ -423,6 +425,14 @@ async def open_exchange(
                 if transition is not None:
                     router.health.on_transition(transition)
             return
+
+
+def resendable(router: Router, request: ProxyRequest, exc: UpstreamError) -> bool:
+    """Whether a failed attempt may go to another worker: it never reached the first, or
+    it is an inference or read-only call the first worker dropped without an answer."""
+    if isinstance(exc, UpstreamConnectError):
+        return True
+    return router.config.resend_unanswered and is_resendable(request.path)
 
 
 @dataclass(slots=True)

@@ -238,7 +238,20 @@ class Gate:
         raise Unauthorized("this router needs Authorization: Bearer <api key>")
 
     def relays(self, path: str) -> bool:
-        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.relayed)
+        return path_matches(path, self.relayed)
+
+
+def path_matches(path: str, patterns: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``patterns`` (exact, or under a prefix ending in "/")."""
+    return any(path == p or (p.endswith("/") and path.startswith(p)) for p in patterns)
+
+
+def is_resendable(path: str) -> bool:
+    """A built-in relayed path (inference or read-only): sending it twice costs only compute.
+
+    Paths opened with ``--proxy-allow`` are not: the router cannot know what they do.
+    """
+    return path_matches(path, DEFAULT_RELAYED)
 
 
 def _bearer(authorization: str | None) -> str | None:

@@ -26,6 +26,7 @@ from .errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    UpstreamUnanswered,
 )
 
 
@@ -148,8 +149,11 @@ class Upstream:
             content=body,
             extensions={"timeout": self._timeouts},
         )
-        with upstream_errors(base_url):
-            response = await self.pool.handle_async_request(request)
+        try:
+            with upstream_errors(base_url):
+                response = await self.pool.handle_async_request(request)
+        except UpstreamProtocolError as exc:  # no response head came
+            raise UpstreamUnanswered(exc.message) from exc.__cause__
         wrapped = HttpcoreResponse(response, base_url)
         try:
             yield wrapped
