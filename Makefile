@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check trio_router tests bench
 	$(BIN)/ruff format --check trio_router tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/proxy_overhead.py --quick

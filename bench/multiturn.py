@@ -740,8 +740,9 @@ def report(
     reuse = [ok for c in checks for ok in c.prefix_reuse]
     canonical = [ok for c in checks for ok in c.prompt_canonical]
     reasons: dict[str, int] = {}
-    for c in complete:
-        reasons[naive_reason(c, tok)] = reasons.get(naive_reason(c, tok), 0) + 1
+    for check in complete:
+        reason = naive_reason(check, tok)
+        reasons[reason] = reasons.get(reason, 0) + 1
     verdicts = [
         ("retrieved == engine truth", sum(c.exact for c in checks), n, "multiturn_exact_fraction"),
         (
@@ -855,11 +856,12 @@ def report(
 
     # one example of each kind of mismatch
     shown = 0
-    for label, pick in (
+    picks: list[tuple[str, Callable[[Check], bool]]] = [
         ("retrieved vs engine", lambda c: c.engine is not None and not c.exact),
         ("chunked vs engine", lambda c: c.engine is not None and not c.chunked_exact),
         ("naive vs engine (other)", lambda c: naive_reason(c, tok) == "other difference"),
-    ):
+    ]
+    for label, pick in picks:
         bad = next((c for c in checks if pick(c)), None)
         if bad is None:
             continue
@@ -895,19 +897,19 @@ def report(
         line = f"    that turn ended by {ending(turn, tok)}"
         twin = next(
             (
-                (o.conv.index, n)
+                (o.conv.index, twin_number)
                 for o in checks
                 if o is not bad_turn
-                for n, t in enumerate(o.conv.turns, 1)
+                for twin_number, t in enumerate(o.conv.turns, 1)
                 if t.full_text == turn.full_text and ending(t, tok) != ending(turn, tok)
             ),
             None,
         )
         if twin is not None:
-            other = "length" if ending(turn, tok) == "EOS" else "EOS (a hidden <|im_end|>)"
+            other_end = "length" if ending(turn, tok) == "EOS" else "EOS (a hidden <|im_end|>)"
             line += (
                 f"; turn {twin[1]} of conversation {twin[0]} has the very same text but ended by"
-                f" {other}: one text, two trajectories"
+                f" {other_end}: one text, two trajectories"
             )
         out.append(line)
     bad_mask = next((c for c in checks if not (c.mask_ok and c.versions_ok)), None)

@@ -51,7 +51,7 @@ import random
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +147,7 @@ class Workload:
             len(ids),
         )
 
-    def inserts(self, slot: int) -> Iterator[Insert]:
+    def inserts(self, slot: int) -> Generator[Insert, None, None]:
         """An endless stream of inserts: groups of 8 samples, some continued for more turns."""
         rng = random.Random(self.seed)
         group = 0
