@@ -199,8 +199,10 @@ async def kill_one_of_two_while_answering(
     return sorted(statuses), running.router, dying, other
 
 
-async def test_worker_killed_before_answering_is_resent_to_another_worker(nursery, client):
-    statuses, router, dying, other = await kill_one_of_two_while_answering(nursery, client)
+async def test_with_resending_a_worker_killed_before_answering_is_replaced(nursery, client):
+    statuses, router, dying, other = await kill_one_of_two_while_answering(
+        nursery, client, resend_unanswered=True
+    )
     # The client had nothing yet, so its generation went to the live worker.
     assert statuses == [200, 200]
     # the worker counts a generation once its handler has returned, just after the answer
@@ -210,12 +212,9 @@ async def test_worker_killed_before_answering_is_resent_to_another_worker(nurser
     assert state(router, dying.url) in ("suspect", "quarantined")
 
 
-async def test_without_resending_a_worker_killed_before_answering_gives_a_clean_502(
-    nursery, client
-):
-    statuses, router, _, other = await kill_one_of_two_while_answering(
-        nursery, client, resend_unanswered=False
-    )
+async def test_a_worker_killed_before_answering_gives_a_clean_502_by_default(nursery, client):
+    """It may have run the request, so by default it is not sent again."""
+    statuses, router, _, other = await kill_one_of_two_while_answering(nursery, client)
     assert statuses == [200, 502]
     with trio.fail_after(5):
         await wait_until(lambda: other.app.stats.completed == 1)
@@ -302,7 +301,7 @@ async def test_a_worker_that_drops_requests_before_answering_counts_as_failing(n
     assert worker.state.value == "quarantined"
 
 
-async def test_only_inference_and_read_only_paths_are_resent(nursery, client):
+async def test_only_inference_and_read_only_paths_are_resent_unanswered(nursery, client):
     """A path opened with --proxy-allow may do anything: dropped unanswered, it is not resent."""
     dropping = await serve_dropping_upstream(nursery)
     live = await start_worker(nursery)
@@ -311,6 +310,7 @@ async def test_only_inference_and_read_only_paths_are_resent(nursery, client):
         worker_urls=(dropping, live.url),
         policy="round_robin",
         proxy_allow=("/custom_op",),
+        resend_unanswered=True,
     )
     router = running.router
     with trio.fail_after(10):

@@ -54,9 +54,9 @@ class RouterConfig:
         "or (--resend-unanswered) was dropped unanswered",
     )
     resend_unanswered: bool = option(
-        True,
-        "send an inference request to another worker (within --max-retries) when its worker "
-        "broke the connection before answering, as a crashed worker does",
+        False,
+        "also send an inference request to another worker (within --max-retries) when its "
+        "worker read it and broke the connection before answering, as a crashed worker does",
     )
     request_timeout: float = option(
         3600.0, "total seconds one proxied request may take, streaming included (0 = no limit)"
