@@ -320,3 +320,61 @@ async def test_one_failing_sample_of_n_gives_the_worker_error_not_a_500(nursery,
             await client.chat.completions.create(model="default", messages=MESSAGES, n=3)
         await client.close()
     assert caught.value.status_code == 502
+
+
+def recorded(running) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    cache = running.router.token_cache
+    return cache.trie.statistics().tokens, cache.counters.recorded
+
+
+async def test_n_samples_are_recorded_only_when_all_of_them_succeed(nursery, qwen3):
+    # found by the fuzzer: a 400 for one sample left the others' trajectories recorded
+    good = await start_worker(nursery, tokenizer=qwen3)
+    bad = await start_worker(nursery, tokenizer=qwen3)
+    bad.app.faults.fail_status = 400  # the client's fault: passed on, no retry, no quarantine
+    running = await start_router(
+        nursery,
+        tokenizer=qwen3,
+        worker_urls=(good.url, bad.url),
+        policy="round_robin",
+        radix_tree_max_size=1_000_000,
+    )
+    before = recorded(running)
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(10):
+            r = await client.post(
+                running.url + "/v1/chat/completions",
+                json={"messages": MESSAGES, "n": 4, "max_tokens": 4},
+            )
+    assert r.status_code == 400
+    assert good.app.stats.completed >= 1  # some samples did succeed ...
+    assert recorded(running) == before  # ... and none of them was recorded
+
+
+@pytest.mark.parametrize("rid", ["one", ["a", "b"], ["a", "a", "b"], ["a", 1, "c"]])
+async def test_a_request_id_for_n_samples_must_name_each_sample(nursery, qwen3, rid):
+    worker, running = await openai_router(nursery, qwen3)
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(10):
+            r = await client.post(
+                running.url + "/v1/chat/completions",
+                json={"messages": MESSAGES, "n": 3, "rid": rid},
+            )
+    assert r.status_code == 400
+    assert (
+        "'rid' with n = 3 must be a list of 3 distinct request ids" in r.json()["error"]["message"]
+    )
+    assert worker.app.stats.requests.get("/generate", 0) == 0
+
+
+async def test_each_of_n_samples_carries_its_own_request_id(nursery, qwen3):
+    _worker, running = await openai_router(nursery, qwen3)
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(10):
+            r = await client.post(
+                running.url + "/v1/chat/completions",
+                json={"messages": MESSAGES, "n": 3, "max_tokens": 4, "rid": ["a", "b", "c"]},
+            )
+    assert r.status_code == 200
+    ids = sorted(choice["meta_info"]["id"] for choice in r.json()["choices"])
+    assert ids == ["a", "b", "c"]

@@ -133,6 +133,18 @@ def parse_call(body: dict[str, Any], default_model: str, *, default_max: int | N
             sampling[key] = value
         elif key not in CHAT_FIELDS:
             extras[key] = value
+    rid = extras.get("rid")
+    if (
+        n > 1
+        and rid is not None
+        and not (
+            isinstance(rid, list)
+            and len(rid) == n
+            and all(isinstance(r, str) for r in rid)
+            and len(set(rid)) == n
+        )
+    ):
+        raise BadRequest(f"'rid' with n = {n} must be a list of {n} distinct request ids")
     logprobs = body.get("logprobs", False)
     top = body.get("top_logprobs") or 0
     if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
@@ -582,6 +594,14 @@ class OpenAIFrontend(Middleware):
         self, request: ProxyRequest, call: Call, pending: Pending, *, record: bool = True
     ) -> Generated:
         """One non-streamed /generate with the prompt of ``pending`` (recorded in the cache)."""
+        answer, worker, result = await self._fetch_one(request, call, pending)
+        if record:
+            self.cache.insert_answer(replace(pending, chunks=[]), answer, worker)
+        return result
+
+    async def _fetch_one(
+        self, request: ProxyRequest, call: Call, pending: Pending
+    ) -> tuple[Any, str, Generated]:
         from .proxy import fetch
 
         body = self._generate_body(call, pending, stream=False)
@@ -589,24 +609,25 @@ class OpenAIFrontend(Middleware):
             self.router, self.upstream_request(request, "/generate", body, pending)
         )
         answer = worker_answer(fetched)
-        result = _generated(answer, len(pending.prompt.ids), fetched.worker)
-        if record:
-            self.cache.insert_answer(replace(pending, chunks=[]), answer, fetched.worker)
-        return result
+        return answer, fetched.worker, _generated(answer, len(pending.prompt.ids), fetched.worker)
 
     async def generate_n(
         self, request: ProxyRequest, call: Call, pending: Pending
     ) -> list[Generated]:
+        """``call.n`` samples of one prompt, recorded in the cache only if all of them
+        succeed (a failed request leaves no trace)."""
         if call.n == 1:
             return [await self.generate_one(request, call, pending)]
-        results: list[Generated | None] = [None] * call.n
+        fetched: list[tuple[Any, str, Generated] | None] = [None] * call.n
+        rids = call.extras.get("rid")
 
         async def sample(index: int) -> None:
             sampling = dict(call.sampling)
             if "sampling_seed" in sampling:
                 sampling["sampling_seed"] += index
-            results[index] = await self.generate_one(
-                request, replace(call, sampling=sampling), pending
+            extras = call.extras if rids is None else {**call.extras, "rid": rids[index]}
+            fetched[index] = await self._fetch_one(
+                request, replace(call, sampling=sampling, extras=extras), pending
             )
 
         try:
@@ -615,7 +636,10 @@ class OpenAIFrontend(Middleware):
                     nursery.start_soon(sample, index)
         except* RouterError as group:
             raise group.exceptions[0] from None  # one sample's own error, not a group
-        return [r for r in results if r is not None]
+        done = [f for f in fetched if f is not None]
+        for answer, worker, _ in done:
+            self.cache.insert_answer(replace(pending, chunks=[]), answer, worker)
+        return [result for _, _, result in done]
 
     async def generate_stream(
         self, request: ProxyRequest, call: Call, pending: Pending, *, record: bool = True
