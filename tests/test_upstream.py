@@ -344,23 +344,28 @@ async def test_fresh_connection_dropped_before_answering_is_not_retried(nursery)
 
 @pytest.mark.parametrize("kind", CLIENTS)
 async def test_a_request_read_and_dropped_unanswered_is_told_apart(nursery, kind):
-    """Both clients say "sent, then dropped before any answer" (the proxy may resend it),
-    and a truncated answer is a different error."""
+    """Both clients say "sent, then dropped before any answer" (the proxy may resend it);
+    a garbled head or a truncated answer is a different error."""
 
     async def drop(wire: Wire, server: RawServer) -> None:
         head = await wire.request() or b""
         server.requests.append((wire.index, head))
         if b"/truncated" in head:
             await wire.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        elif b"/garbled" in head:
+            await wire.send(b"HTTP/1.1 nonsense\r\n\r\n")
 
     server = await serve_raw(nursery, drop)
     async with open_client(kind) as client:
         with trio.fail_after(10):
-            with pytest.raises(UpstreamUnanswered, match="broke the connection"):
+            with pytest.raises(UpstreamUnanswered, match="broke the connection without answering"):
                 await fetch(client, server.url, b"POST", b"/once", b"a")
-            with pytest.raises(UpstreamProtocolError) as caught:
-                await fetch(client, server.url, b"POST", b"/truncated", b"a")
-    assert type(caught.value) is UpstreamProtocolError
+            answered = []
+            for target in (b"/garbled", b"/truncated"):
+                with pytest.raises(UpstreamProtocolError) as caught:
+                    await fetch(client, server.url, b"POST", target, b"a")
+                answered.append(type(caught.value))
+    assert answered == [UpstreamProtocolError, UpstreamProtocolError]
 
 
 async def test_connection_close_answer_stray_bytes_and_early_close_are_not_reused(nursery):

@@ -37,7 +37,7 @@ from .errors import (
 from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
 from .policies import Policy
 from .router import Router
-from .security import BROADCAST_PATHS, is_resendable
+from .security import BROADCAST_PATHS, is_inference_or_read_only
 from .upstream import UpstreamResponse
 
 log = logging.getLogger("trio_router.proxy")
@@ -400,7 +400,7 @@ async def open_exchange(
                 )
             except (UpstreamConnectError, UpstreamUnanswered) as exc:
                 passive_failure(router, worker.url, exc)
-                if len(tried) >= router.config.max_retries or not resendable(router, request, exc):
+                if len(tried) >= router.config.max_retries or not may_resend(router, request, exc):
                     raise
                 last_error = exc
                 tried.add(worker.url)
@@ -427,12 +427,12 @@ async def open_exchange(
             return
 
 
-def resendable(router: Router, request: ProxyRequest, exc: UpstreamError) -> bool:
+def may_resend(router: Router, request: ProxyRequest, exc: UpstreamError) -> bool:
     """Whether a failed attempt may go to another worker: it never reached the first, or
-    it is an inference or read-only call the first worker dropped without an answer."""
+    (``resend_unanswered``) the first dropped an inference or read-only call unanswered."""
     if isinstance(exc, UpstreamConnectError):
         return True
-    return router.config.resend_unanswered and is_resendable(request.path)
+    return router.config.resend_unanswered and is_inference_or_read_only(request.path)
 
 
 @dataclass(slots=True)

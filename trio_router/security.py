@@ -246,8 +246,8 @@ def path_matches(path: str, patterns: Iterable[str]) -> bool:
     return any(path == p or (p.endswith("/") and path.startswith(p)) for p in patterns)
 
 
-def is_resendable(path: str) -> bool:
-    """A built-in relayed path (inference or read-only): sending it twice costs only compute.
+def is_inference_or_read_only(path: str) -> bool:
+    """A built-in relayed path: sending it twice costs only compute.
 
     Paths opened with ``--proxy-allow`` are not: the router cannot know what they do.
     """

@@ -72,9 +72,17 @@ class UpstreamClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+#: httpcore's words for a connection closed before any byte of an answer
+NO_ANSWER = "without sending a response"
+
+
 @contextmanager
-def upstream_errors(url: str) -> Iterator[None]:
-    """Translate httpcore failures talking to ``url`` into router errors."""
+def upstream_errors(url: str, *, head: bool = False) -> Iterator[None]:
+    """Translate httpcore failures talking to ``url`` into router errors.
+
+    ``head``: the request is being sent and its answer awaited, so a connection
+    broken before any byte came is ``UpstreamUnanswered``.
+    """
     try:
         yield
     except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
@@ -84,6 +92,10 @@ def upstream_errors(url: str) -> Iterator[None]:
     except httpcore.TimeoutException as exc:
         raise UpstreamTimeout(f"worker {url} timed out") from exc
     except (httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
+        if head and (isinstance(exc, httpcore.NetworkError) or NO_ANSWER in str(exc)):
+            raise UpstreamUnanswered(
+                f"worker {url} broke the connection without answering: {exc}"
+            ) from exc
         raise UpstreamProtocolError(f"worker {url} broke the connection: {exc}") from exc
     except httpcore.ProtocolError as exc:
         raise UpstreamError(f"protocol error talking to worker {url}: {exc}") from exc
@@ -149,11 +161,8 @@ class Upstream:
             content=body,
             extensions={"timeout": self._timeouts},
         )
-        try:
-            with upstream_errors(base_url):
-                response = await self.pool.handle_async_request(request)
-        except UpstreamProtocolError as exc:  # no response head came
-            raise UpstreamUnanswered(exc.message) from exc.__cause__
+        with upstream_errors(base_url, head=True):
+            response = await self.pool.handle_async_request(request)
         wrapped = HttpcoreResponse(response, base_url)
         try:
             yield wrapped
