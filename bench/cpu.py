@@ -45,13 +45,8 @@ from trio_router.config import RouterConfig
 from trio_router.server import serve
 
 BODY = b'{"text": "' + b"x" * 100 + b'", "meta_info": {"id": "r"}}'
-SMALL_ANSWER = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-    % (
-        len(BODY),
-        BODY,
-    )
-)
+SMALL_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+SMALL_ANSWER = SMALL_HEAD % len(BODY) + BODY
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 )
@@ -201,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--requests", type=int, help="small requests per round (default 9600; quick 6400)"
     )
-    parser.add_argument("--streams", type=int, help="streams per client per round (default 4)")
+    parser.add_argument(
+        "--streams", type=int, help="streams per client per round (default 4; quick 2)"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write figures as JSON")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 5)

@@ -114,11 +114,16 @@ async def read_stream(
     return status, lines, None
 
 
-def cut_responses(router: Router, cause: str) -> float:
+def counter(router: Router, sample: str) -> float:
+    """The value of one Prometheus sample (name and labels), 0 if not exported yet."""
     for line in router.metrics.render().decode().splitlines():
-        if line.startswith(f'trio_router_responses_cut_total{{cause="{cause}"}}'):
+        if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def cut_responses(router: Router, cause: str) -> float:
+    return counter(router, f'trio_router_responses_cut_total{{cause="{cause}"}}')
 
 
 # -- workers that die ---------------------------------------------------------------
@@ -166,10 +171,7 @@ async def test_worker_killed_mid_stream_cuts_the_stream_and_is_quarantined(nurse
 
 
 def retries(router: Router, path: str) -> float:
-    for line in router.metrics.render().decode().splitlines():
-        if line.startswith(f'trio_router_retries_total{{path="{path}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return counter(router, f'trio_router_retries_total{{path="{path}"}}')
 
 
 async def kill_one_of_two_while_answering(
