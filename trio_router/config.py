@@ -88,6 +88,11 @@ class RouterConfig:
     radix_tree_max_size: int = option(
         0, "token budget of the token cache (0 = off); turns on token-exact /generate"
     )
+    max_text_bytes: int = option(
+        8 * MiB,
+        "largest text the router tokenizes in one request (/generate text, "
+        "/retrieve_from_text, prompts), in UTF-8 bytes (413 beyond)",
+    )
     hf_checkpoint: str | None = option(
         None, "directory with the tokenizer files (default: the shipped Qwen3 tokenizer)"
     )
@@ -189,6 +194,7 @@ class RouterConfig:
             "health_check_success_threshold",
             "max_connections",
             "max_body_size",
+            "max_text_bytes",
         ):
             if getattr(self, name) < 1:
                 found.append(f"{name} must be >= 1")

@@ -7,10 +7,12 @@ Prometheus ``/prometheus``. Every error is the JSON error document.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -24,6 +26,31 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status=status, content_type="application/json")
+
+
+INLINE_ANSWER_BYTES = 1024 * 1024
+
+
+def json_pieces_response(pieces: Iterator[bytes]) -> Response:
+    """A JSON document given in pieces: one body when small, else streamed as made."""
+    head: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        head.append(piece)
+        size += len(piece)
+        if size > INLINE_ANSWER_BYTES:
+            break
+    else:
+        return Response(b"".join(head), content_type="application/json")
+
+    async def rest() -> AsyncIterator[bytes]:
+        for piece in head:
+            yield piece
+        for piece in pieces:
+            yield piece
+            await trio.lowlevel.checkpoint()
+
+    return Response(rest(), content_type="application/json")
 
 
 async def json_object() -> dict[str, Any]:
@@ -175,7 +202,8 @@ def create_control_app(router: Router) -> QuartTrio:
         tenant = router.gate.tenant(request.headers.get("authorization"))
         body = await json_object()
         declared = request.headers.get(router.config.namespace_header, "")
-        return json_response(await cache.retrieve(body.get("text"), scope_of(tenant, declared)))
+        answer = await cache.retrieve(body.get("text"), scope_of(tenant, declared))
+        return json_pieces_response(answer)
 
     dashboard = (Path(__file__).parent / "dashboard.html").read_bytes()
 

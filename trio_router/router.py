@@ -101,7 +101,7 @@ class Router:
                     gc_threshold_k=config.gc_threshold_k,
                     gc_interval=config.cache_gc_interval,
                     namespace_header=config.namespace_header.lower().encode(),
-                    max_text_bytes=config.max_body_size,
+                    max_text_bytes=config.max_text_bytes,
                     abort_retries=config.abort_retries,
                     abort_retry_backoff=config.abort_retry_backoff,
                     cache_threshold=config.cache_threshold,

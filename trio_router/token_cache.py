@@ -14,14 +14,16 @@ It is a built-in ``Middleware``, on the same hooks a user's plugin gets.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from array import array
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 import trio
 
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 from .hooks import Middleware, Outcome, ProxyRequest, Reply, ResponseHead, Tap
 from .radix import PROMPT, Match, Node, RadixTrie, Trajectory, align, plain_prefix
 from .tokenizer import Tokenizer
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trio_router.token_cache")
 
 STATE_KEY = "token_cache"
+SERIALIZE_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+PIECE_TOKENS = 65536  # fresh tokens written per piece of a retrieval answer
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's, when a request names none
 
 
@@ -247,6 +251,7 @@ class TokenCache(Middleware):
         The cached span stays pinned until ``finish(pending)``.
         """
         prompt_text = text.encode()
+        self.check_text_size(len(prompt_text))
         match = self.trie.match(prompt_text, namespace, trio.current_time(), with_hidden_tail=False)
         pinned = self.trie.pin(match)
         try:
@@ -263,6 +268,15 @@ class TokenCache(Middleware):
         if match.matched_bytes >= self.settings.cache_threshold * len(prompt_text):
             pending.hint = _served_by(match)
         return pending
+
+    def check_text_size(self, size: int) -> None:
+        """413 for a text over ``--max-text-bytes`` (before any of it is tokenized)."""
+        limit = self.settings.max_text_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the text is {size} bytes; this router tokenizes at most {limit} "
+                "(--max-text-bytes)"
+            )
 
     def prepare_ids(self, ids: list[int], namespace: str) -> Pending:
         """A prompt given as ids, with what the cache knows about their prefix."""
@@ -382,39 +396,29 @@ class TokenCache(Middleware):
 
     # -- retrieval ------------------------------------------------------------------
 
-    async def retrieve(self, text: object, namespace: str) -> dict[str, Any]:
-        """The trajectory of ``text``: cached tokens, then fresh ones for the rest."""
+    async def retrieve(self, text: object, namespace: str) -> Iterator[bytes]:
+        """The trajectory of ``text`` as a JSON document: cached tokens, then fresh ones.
+
+        Fresh tokens stay a compact array until they are written out, so a long
+        text costs a few bytes per token beyond its JSON answer.
+        """
         if not isinstance(text, str):
             raise BadRequest('"text" must be a string')
         if not text:
             raise BadRequest('"text" must not be empty')
         key = text.encode()
-        if len(key) > self.settings.max_text_bytes:
-            raise BadRequest(
-                f'"text" is {len(key)} bytes; the limit is {self.settings.max_text_bytes}'
-            )
+        self.check_text_size(len(key))
         self.counters.retrievals += 1
         match = self.trie.match(key, namespace, trio.current_time())
         pinned = self.trie.pin(match)
         try:
             trajectory = self.trie.trajectory(match)
             remainder = key[match.matched_bytes :].decode()
-            fresh = await self.tokenizer.aencode(remainder) if remainder else []
+            del key
+            fresh = await self.tokenizer.aencode_array(remainder) if remainder else array("i")
         finally:
             self.trie.unpin(pinned)
-        cached = len(trajectory)
-        trajectory.extend(_prompt_tokens(fresh))
-        return {
-            "tokens": trajectory.ids,
-            "response": text,
-            "loss_mask": trajectory.mask,
-            "rollout_logp": trajectory.logps,
-            "weight_versions": trajectory.versions,
-            "token_length": len(trajectory),
-            "loss_mask_length": len(trajectory.mask),
-            "cached_tokens": cached,
-            "fresh_tokens": len(fresh),
-        }
+        return retrieval_json(text, trajectory, fresh)
 
     # -- background ---------------------------------------------------------------------
 
@@ -456,6 +460,52 @@ class TokenCache(Middleware):
             "retrievals": self.counters.retrievals,
             "continued_aborts": self.counters.continued_aborts,
         }
+
+
+def retrieval_json(
+    text: str, cached: Trajectory, fresh: array[int], piece_tokens: int = PIECE_TOKENS
+) -> Iterator[bytes]:
+    """The ``/retrieve_from_text`` answer in pieces: ``cached`` followed by the ``fresh``
+    prompt tokens (loss mask 0, logprob 0.0, no weight version). Fresh tokens are
+    written ``piece_tokens`` at a time, so the document is never whole in memory."""
+    n = len(fresh)
+    ids = np.frombuffer(fresh, dtype=np.int32)
+
+    def fresh_ids() -> Iterator[bytes]:
+        for start in range(0, n, piece_tokens):
+            yield orjson.dumps(ids[start : start + piece_tokens], option=SERIALIZE_NUMPY)[1:-1]
+
+    def constant(item: bytes) -> Iterator[bytes]:
+        for start in range(0, n, piece_tokens):
+            count = min(piece_tokens, n - start)
+            yield item + (b"," + item) * (count - 1)
+
+    yield b'{"tokens":'
+    yield from _json_list(orjson.dumps(cached.ids), fresh_ids())
+    yield b',"response":' + orjson.dumps(text) + b',"loss_mask":'
+    yield from _json_list(orjson.dumps(cached.mask), constant(b"0"))
+    yield b',"rollout_logp":'
+    yield from _json_list(orjson.dumps(cached.logps), constant(b"0.0"))
+    yield b',"weight_versions":'
+    yield from _json_list(orjson.dumps(cached.versions), constant(b"null"))
+    total = len(cached) + n
+    counts = {
+        "token_length": total,
+        "loss_mask_length": total,
+        "cached_tokens": len(cached),
+        "fresh_tokens": n,
+    }
+    yield b"," + orjson.dumps(counts)[1:]  # its closing brace ends the document
+
+
+def _json_list(known: bytes, more: Iterator[bytes]) -> Iterator[bytes]:
+    """The JSON list ``known`` followed by the comma-separated item runs of ``more``."""
+    yield known[:-1]
+    empty = known == b"[]"
+    for run in more:
+        yield run if empty else b"," + run
+        empty = False
+    yield b"]"
 
 
 def scope_of(tenant: str | None, declared: str) -> str:

@@ -7,15 +7,18 @@ thread. ``transformers`` is imported on first ``load_tokenizer`` only (it costs 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
 from .errors import ConfigError
+from .text_split import CHUNK_CHARS, can_split, chunks
 
 if TYPE_CHECKING:
     import tokenizers
@@ -28,6 +31,8 @@ __all__ = [
     "Tokenizer",
     "load_tokenizer",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_TOKENIZER_DIR: Final = Path(__file__).resolve().parent / "data" / "qwen3"
 """The packaged Qwen3 tokenizer (``tokenizer.json`` + ``tokenizer_config.json``)."""
@@ -90,10 +95,14 @@ class Tokenizer:
         if not isinstance(limiter, trio.CapacityLimiter):
             limiter = trio.CapacityLimiter(limiter)
         self.limiter = limiter
+        #: long texts also take this one: one at a time, so short ones always find a thread
+        self.long_text_limiter = trio.CapacityLimiter(1)
         added = backend.get_added_tokens_decoder()
         self._added: dict[int, str] = {i: t.content for i, t in added.items()}
         self._special: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        self._added_texts = tuple(self._added.values())
         self._bytes: list[bytes] | None = None
+        self._splittable: bool | None = None
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
@@ -101,10 +110,44 @@ class Tokenizer:
     # ------------------------------------------------------------ text <-> ids
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, no BOS/EOS added; special-token text becomes its id."""
-        [encoding] = self.backend.encode_batch([text], add_special_tokens=False)
-        ids: list[int] = encoding.ids
+        """Token ids of ``text``, no BOS/EOS added; special-token text becomes its id.
+
+        A long text is encoded in pieces cut where the tokens cannot change
+        (``text_split``), so memory stays proportional to the text.
+        """
+        if len(text) <= CHUNK_CHARS:
+            [encoding] = self.backend.encode_batch_fast([text], add_special_tokens=False)
+            ids: list[int] = encoding.ids
+            return ids
+        ids = []
+        for part in self._encode_pieces(text):
+            ids += part
         return ids
+
+    def encode_array(self, text: str) -> array[int]:
+        """``encode`` as a compact array (4 bytes per token, not a Python int each)."""
+        ids = array("i")
+        for part in self._encode_pieces(text):
+            ids.extend(part)
+        return ids
+
+    def _encode_pieces(self, text: str) -> Iterator[list[int]]:
+        """The ids of ``text``, piece by piece (one piece unless it is long and may be cut).
+
+        ``encode_batch_fast`` skips the offsets (half the memory) and, like every
+        batch call, releases the GIL.
+        """
+        long = len(text) > CHUNK_CHARS and self.splittable
+        for piece in chunks(text, guard=self._added_texts) if long else (text,):
+            [encoding] = self.backend.encode_batch_fast([piece], add_special_tokens=False)
+            yield encoding.ids
+
+    @property
+    def splittable(self) -> bool:
+        """Whether long texts may be encoded in pieces (see ``text_split``)."""
+        if self._splittable is None:
+            self._splittable = can_split(self.backend.to_str())
+        return self._splittable
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` as SGLang returns it; invalid UTF-8 becomes U+FFFD."""
@@ -118,7 +161,24 @@ class Tokenizer:
         """``encode`` off the trio thread (inline for short texts)."""
         if len(text) < INLINE_MAX_CHARS:
             return self.encode(text)
-        return await trio.to_thread.run_sync(self.encode, text, limiter=self.limiter)
+        return await self._off_loop(self.encode, text)
+
+    async def aencode_array(self, text: str) -> array[int]:
+        """``encode_array`` off the trio thread (inline for short texts)."""
+        if len(text) < INLINE_MAX_CHARS:
+            return self.encode_array(text)
+        return await self._off_loop(self.encode_array, text)
+
+    async def _off_loop(self, encode: Callable[[str], T], text: str) -> T:
+        """``encode(text)`` on a worker thread; a long text waits for the long-text slot
+        (bounding the memory of big tokenizations) and gives memory back after."""
+        if len(text) <= CHUNK_CHARS:
+            return await trio.to_thread.run_sync(encode, text, limiter=self.limiter)
+        async with self.long_text_limiter:
+            try:
+                return await trio.to_thread.run_sync(encode, text, limiter=self.limiter)
+            finally:
+                release_free_memory()
 
     async def adecode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """``decode`` off the trio thread (inline for short sequences)."""
@@ -195,6 +255,24 @@ class Tokenizer:
         return rendered
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to do
+
+
+_libc = _load_libc()
+
+
 def load_tokenizer(
     path: str | Path | None = None, *, limiter: trio.CapacityLimiter | int = 2
 ) -> Tokenizer:
@@ -215,7 +293,9 @@ def load_tokenizer(
 
     try:
         hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        return Tokenizer(hf, limiter=limiter)
+        tokenizer = Tokenizer(hf, limiter=limiter)
+        tokenizer.splittable  # noqa: B018 -- decided now (it reads the whole vocabulary)
+        return tokenizer
     except Exception as exc:
         raise ConfigError(f"cannot load tokenizer from {directory}: {_one_line(exc)}") from exc
 
