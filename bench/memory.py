@@ -2,8 +2,8 @@
 
 For each kind of text (``english``: words and punctuation, ~4 characters per token;
 ``cjk``: Chinese characters, ~1.5 bytes per token; ``dense``: emoji, symbols and rare letters,
-about one token per byte, the worst case the router accepts) and each size (``--sizes`` MiB), a fresh
-``trio-router serve`` with the token cache on gets one ``POST /retrieve_from_text`` of that
+about one token per byte, the worst case the router accepts) and each size (``--sizes`` MiB),
+a fresh ``trio-router serve`` with the token cache on gets one ``POST /retrieve_from_text`` of that
 text (nothing cached: every byte is tokenized). Read from ``/proc/<pid>/status`` before and
 after (the peak reset just before, so start-up does not count): the peak resident set
 (``VmHWM``) growth per MiB of input, and what is still resident

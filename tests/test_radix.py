@@ -130,6 +130,35 @@ def test_two_tokenizations_of_one_text_are_both_kept():
     assert lookup(trie, b"abc") == [262, 99]  # the more recently used wins a tie
 
 
+def test_namespaces_share_one_budget_and_an_emptied_one_is_dropped():
+    trie = make_trie(max_tokens=2_000)
+    for i in range(500):  # 500 namespaces of 16 tokens, each with a 100-byte name
+        insert(trie, ids_of(b"0123456789abcdef"), namespace=f"{i:03d}" + "n" * 97, now=i)
+        assert trie.budget_used <= trie.max_tokens
+    assert len(trie.roots) < 100  # the oldest namespaces were evicted with their tokens
+    assert trie.root_cost == sum(32 + len(ns) // 8 for ns in trie.roots)
+    assert lookup(trie, b"0123456789abcdef", "499" + "n" * 97) == ids_of(b"0123456789abcdef")
+    assert lookup(trie, b"0123456789abcdef", "000" + "n" * 97) == []
+
+
+def test_the_reported_memory_counts_namespace_names():
+    trie = make_trie()
+    insert(trie, ids_of(b"hi"), namespace="a")
+    small = trie.statistics().memory_bytes
+    insert(trie, ids_of(b"hi"), namespace="b" * 16_384)
+    assert trie.statistics().memory_bytes - small > 16_384
+    assert trie.statistics().namespaces == 2
+
+
+def test_gc_drops_namespaces_it_empties():
+    trie = make_trie()
+    insert(trie, ids_of(b"old answer"), generated_from=0, version="v1", namespace="x")
+    insert(trie, ids_of(b"new answer"), generated_from=0, version="v2", namespace="y")
+    trie.drop_versions_older_than(1)
+    assert list(trie.roots) == ["y"]
+    assert trie.root_cost == 32
+
+
 def test_namespaces_never_see_each_other():
     trie = make_trie()
     insert(trie, ids_of(b"secret plan"), generated_from=0, namespace="tenant-a")
@@ -149,7 +178,7 @@ def test_eviction_keeps_the_budget_and_removes_least_recently_used_leaves():
 
 
 def test_eviction_never_removes_a_pinned_span():
-    trie = make_trie(max_tokens=40)
+    trie = make_trie(max_tokens=40 + 32)  # 32: the namespace's root
     insert(trie, ids_of(b"old but in use: " + b"y" * 10), now=0.0)
     pinned = trie.pin(trie.match(b"old but in use: " + b"y" * 10, now=0.0))
     for i in range(10):
@@ -161,7 +190,7 @@ def test_eviction_never_removes_a_pinned_span():
 
 
 def test_splitting_a_pinned_node_keeps_the_pin_on_what_was_matched():
-    trie = make_trie(max_tokens=30)
+    trie = make_trie(max_tokens=30 + 32)  # 32: the root
     insert(trie, ids_of(b"abcdefghij"), now=0.0)
     pinned = trie.pin(trie.match(b"abcdefghij"))
     insert(trie, ids_of(b"abcdeXYZ"), now=1.0)  # splits the pinned node after "abcde"
@@ -338,7 +367,7 @@ def test_the_same_text_ended_by_eos_and_by_length_resolves_to_the_most_recent():
 
 
 def test_the_key_cache_follows_splits_and_removals():
-    trie = RadixTrie(token_bytes, max_tokens=30, key_cache_size=2)
+    trie = RadixTrie(token_bytes, max_tokens=30 + 32, key_cache_size=2)
     insert(trie, ids_of(b"abcdef"), now=0.0)
     assert lookup(trie, b"abcdef") == ids_of(b"abcdef")  # the key is now cached
     insert(trie, ids_of(b"abcXYZ"), now=1.0)  # splits the cached node after "abc"

@@ -228,6 +228,24 @@ async def test_namespaces_keep_tenants_trajectories_apart(nursery, client, qwen3
         assert set(other["rollout_logp"]) == {0.0}
 
 
+async def test_a_namespace_name_longer_than_128_characters_is_refused(nursery, client, qwen3):
+    worker, running = await cached_router(nursery, qwen3)
+    long_name = {"x-trio-router-namespace": "n" * 16_384}
+    with trio.fail_after(20):
+        generated = await client.post(
+            running.url + "/generate", json={"text": PROMPT}, headers=long_name
+        )
+        retrieved = await client.post(
+            running.url + "/retrieve_from_text", json={"text": PROMPT}, headers=long_name
+        )
+    for r in (generated, retrieved):
+        assert r.status_code == 400
+        assert "at most 128" in r.json()["error"]["message"]
+    assert worker.app.stats.requests["/generate"] == 0
+    assert running.router.token_cache is not None
+    assert running.router.token_cache.trie.roots == {}
+
+
 async def test_a_weight_update_shows_in_versions_and_gc_drops_the_old_ones(nursery, client, qwen3):
     worker, running = await cached_router(nursery, qwen3, gc_threshold_k=1)
     cache = running.router.token_cache

@@ -90,7 +90,7 @@ class CacheCollector(Collector):
         "cur_cache_size": ("trio_router_cache_tokens", "Tokens stored in the token cache"),
         "max_cache_size": ("trio_router_cache_max_tokens", "Token budget of the token cache"),
         "total_entries": ("trio_router_cache_nodes", "Radix tree nodes"),
-        "cache_size_mb": ("trio_router_cache_size_mb", "Approximate cache payload, MiB"),
+        "cache_size_mb": ("trio_router_cache_size_mb", "Memory the cache's objects take, MiB"),
         "hit_rate": ("trio_router_cache_hit_rate", "Lookups that found a cached prefix"),
     }
     COUNTERS: ClassVar[dict[str, tuple[str, str]]] = {

@@ -22,12 +22,30 @@ matched; eviction and GC never remove a pinned node or its ancestors.
 
 from __future__ import annotations
 
+import sys
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 PROMPT = 0  # code of a token the router tokenized (mask 0)
 MAX_VERSION_SLOTS = 255
+#: What one namespace's root costs in the token budget: the node and dict entry
+#: (~350 bytes at ~11.5 bytes per stored token), plus its name, a token per 8 bytes.
+ROOT_COST_TOKENS = 32
+
+
+def _object_bytes(node: Node) -> int:
+    """What one node's objects take (allocator slack aside)."""
+    size = sys.getsizeof(node) + sys.getsizeof(node.ids)
+    for part in (node.logps, node.codes, node.children, node.opaque_key):
+        if part is not None:
+            size += sys.getsizeof(part)
+    return size
+
+
+def root_cost(namespace: str) -> int:
+    """The budget, in tokens, one namespace's root takes."""
+    return ROOT_COST_TOKENS + len(namespace.encode()) // 8
 
 
 def _char_boundary(key: bytes, offset: int) -> bool:
@@ -168,6 +186,9 @@ class Match:
 
 @dataclass(slots=True)
 class TrieStatistics:
+    namespaces: int
+    #: the Python objects the tree holds (nodes, arrays, keys, namespace names), in bytes
+    memory_bytes: int
     nodes: int
     tokens: int
     max_tokens: int
@@ -197,6 +218,8 @@ class RadixTrie:
         self.key_cache_size = key_cache_size
         self._keys: dict[Node, bytes] = {}
         self.roots: dict[str, Node] = {}
+        self._namespace_of: dict[Node, str] = {}
+        self.root_cost = 0  # budget the namespace roots take (see ROOT_COST_TOKENS)
         self.tokens = 0
         self.node_count = 0
         self.hits = 0
@@ -415,6 +438,8 @@ class RadixTrie:
         if root is None:
             root = Node(0, array("I"), None, now)
             self.roots[namespace] = root
+            self._namespace_of[root] = namespace
+            self.root_cost += root_cost(namespace)
         segments = [(0, shape.plain, False), (shape.opaque, n, True)]
         node: Node | None = root
         added = 0
@@ -545,11 +570,17 @@ class RadixTrie:
 
     # -- memory -----------------------------------------------------------------
 
+    @property
+    def budget_used(self) -> int:
+        """Stored tokens plus what the namespaces' roots cost, in tokens."""
+        return self.tokens + self.root_cost
+
     def enforce_budget(self, now: float) -> int:
-        """Evict least recently used unpinned leaves until under the token budget."""
-        if self.tokens <= self.max_tokens:
+        """Evict least recently used unpinned leaves until under the token budget
+        (namespace roots count too; a namespace left empty is dropped)."""
+        if self.budget_used <= self.max_tokens:
             return 0
-        target = int(self.max_tokens * self.low_water)
+        target = int(self.max_tokens * self.low_water) - self.root_cost
         leaves = sorted(
             (n for n in self._all_nodes() if n.is_leaf and n.pins == 0),
             key=lambda n: n.last_access,
@@ -562,6 +593,8 @@ class RadixTrie:
                 continue
             parent = leaf.parent
             evicted += self._remove(leaf)
+            if parent.parent is None and parent.is_leaf and parent.pins == 0:
+                target += self._drop_root(parent)
             if parent.parent is not None and parent.is_leaf and parent.pins == 0:
                 # the parent became a leaf; it is at least as old as the least recent leaf
                 queue.append(parent)
@@ -600,12 +633,29 @@ class RadixTrie:
             del self._slot_of[version]
             self._order.remove(version)
         self.gc_removed_tokens += removed
+        self.drop_empty_namespaces()
         return removed
 
     def clear(self) -> None:
         self.roots.clear()
+        self._namespace_of.clear()
         self._keys.clear()
-        self.tokens = self.node_count = 0
+        self.tokens = self.node_count = self.root_cost = 0
+
+    def _drop_root(self, root: Node) -> int:
+        """Forget an empty namespace; returns the budget it gave back."""
+        namespace = self._namespace_of.pop(root)
+        del self.roots[namespace]
+        cost = root_cost(namespace)
+        self.root_cost -= cost
+        return cost
+
+    def drop_empty_namespaces(self) -> int:
+        """Forget every namespace with nothing cached and nothing pinned (after GC)."""
+        empty = [root for root in self.roots.values() if root.is_leaf and root.pins == 0]
+        for root in empty:
+            self._drop_root(root)
+        return len(empty)
 
     def _remove(self, leaf: Node) -> int:
         parent = leaf.parent
@@ -640,12 +690,16 @@ class RadixTrie:
 
     def statistics(self) -> TrieStatistics:
         key_bytes = payload = 0
+        objects = sum(_object_bytes(root) + sys.getsizeof(ns) for ns, root in self.roots.items())
         for node in self._all_nodes():
             key_bytes += len(node.opaque_key or b"")
             payload += node.ids.itemsize * len(node.ids)
             if node.logps is not None and node.codes is not None:
                 payload += node.logps.itemsize * len(node.logps) + len(node.codes)
+            objects += _object_bytes(node)
         return TrieStatistics(
+            namespaces=len(self.roots),
+            memory_bytes=objects + sys.getsizeof(self.roots) + sys.getsizeof(self._keys),
             nodes=self.node_count,
             tokens=self.tokens,
             max_tokens=self.max_tokens,

@@ -35,6 +35,7 @@ log = logging.getLogger("trio_router.token_cache")
 
 STATE_KEY = "token_cache"
 SERIALIZE_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+MAX_NAMESPACE_CHARS = 128  # a declared namespace name (each costs cache budget)
 PIECE_TOKENS = 65536  # fresh tokens written per piece of a retrieval answer
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's, when a request names none
 
@@ -446,7 +447,10 @@ class TokenCache(Middleware):
             "hit_rate": round(stats.hits / lookups, 4) if lookups else 0.0,
             "cur_cache_size": stats.tokens,
             "max_cache_size": stats.max_tokens,
-            "cache_size_mb": round((stats.key_bytes + stats.payload_bytes) / 2**20, 3),
+            "cache_size_mb": round(stats.memory_bytes / 2**20, 3),
+            "payload_mb": round((stats.key_bytes + stats.payload_bytes) / 2**20, 3),
+            "namespaces": stats.namespaces,
+            "budget_used": self.trie.budget_used,
             "gc_threshold_k": self.settings.gc_threshold_k,
             "evictions": stats.evicted_tokens,
             "gc_removed_tokens": stats.gc_removed_tokens,
@@ -510,7 +514,12 @@ def _json_list(known: bytes, more: Iterator[bytes]) -> Iterator[bytes]:
 
 def scope_of(tenant: str | None, declared: str) -> str:
     """The namespace of cached trajectories: the caller's API-key tenant (when keys are
-    set), subdivided by the namespace the caller declared."""
+    set), subdivided by the namespace the caller declared (400 when that is too long)."""
+    if len(declared) > MAX_NAMESPACE_CHARS:
+        raise BadRequest(
+            f"the namespace header is {len(declared)} characters; at most "
+            f"{MAX_NAMESPACE_CHARS} are accepted"
+        )
     return f"{tenant}/{declared}" if tenant else declared
 
 
