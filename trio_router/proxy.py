@@ -38,6 +38,7 @@ from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
 from .policies import Policy
 from .router import Router
 from .security import BROADCAST_PATHS, is_inference_or_read_only
+from .tenancy import kv_scoped_body, needs_kv_scope
 from .upstream import UpstreamResponse
 
 log = logging.getLogger("trio_router.proxy")
@@ -225,6 +226,8 @@ class Proxy:
                 tenant = router.gate.tenant(authorization)
                 if tenant is not None:
                     request.state["tenant"] = tenant
+                    if needs_kv_scope(request.path, request.method):
+                        request.body = kv_scoped_body(request.body, tenant)
                 reply = await router.chain.on_request(request) if router.chain.active else None
                 if reply is not None:
                     await self._answer(reply, send, progress)

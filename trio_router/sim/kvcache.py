@@ -1,7 +1,8 @@
 """A stand-in for SGLang's prefix (KV) cache, so benchmarks can see prefix reuse.
 
 Prompts are cut into blocks of ``block`` tokens, each named by a hash chained
-over everything before it; a request's ``cached_tokens`` is the length of its
+over everything before it (starting from the request's ``extra_key``, as SGLang
+keys its radix cache by it); a request's ``cached_tokens`` is the length of its
 leading blocks the worker has seen before (least recently used blocks go
 first). Pure: no I/O, no clock.
 """
@@ -20,27 +21,27 @@ class PrefixCache:
         self.capacity = capacity_blocks
         self._blocks: OrderedDict[bytes, None] = OrderedDict()
 
-    def _chain(self, ids: Sequence[int]) -> list[bytes]:
+    def _chain(self, ids: Sequence[int], extra_key: str) -> list[bytes]:
         digests = []
-        previous = b""
+        previous = extra_key.encode()
         for start in range(0, len(ids) - self.block + 1, self.block):
             chunk = array("I", ids[start : start + self.block]).tobytes()
             previous = hashlib.blake2b(previous + chunk, digest_size=12).digest()
             digests.append(previous)
         return digests
 
-    def lookup(self, ids: Sequence[int]) -> int:
+    def lookup(self, ids: Sequence[int], extra_key: str = "") -> int:
         """Tokens of ``ids`` whose KV this worker still holds (a prefix, whole blocks)."""
         cached = 0
-        for digest in self._chain(ids):
+        for digest in self._chain(ids, extra_key):
             if digest not in self._blocks:
                 break
             self._blocks.move_to_end(digest)
             cached += self.block
         return min(cached, max(0, len(ids) - 1))  # SGLang always computes the last token
 
-    def insert(self, ids: Sequence[int]) -> None:
-        for digest in self._chain(ids):
+    def insert(self, ids: Sequence[int], extra_key: str = "") -> None:
+        for digest in self._chain(ids, extra_key):
             self._blocks[digest] = None
             self._blocks.move_to_end(digest)
         while len(self._blocks) > self.capacity:

@@ -647,17 +647,20 @@ class SimWorker:
             return_logprob=_get_bool(body, "return_logprob", False),
             return_routed_experts=_get_bool(body, "return_routed_experts", False),
         )
-        job.cached_tokens = self.prefix_cache.lookup(prompt)
+        extra_key = body.get("extra_key") or ""
+        if not isinstance(extra_key, str):
+            raise _bad("extra_key must be a string")
+        job.cached_tokens = self.prefix_cache.lookup(prompt, extra_key)
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += job.cached_tokens
-        self.prefix_cache.insert(prompt)
+        self.prefix_cache.insert(prompt, extra_key)
         try:
             if _get_bool(body, "stream", False):
                 await self._run_job(receive, job, lambda j: self._generate_stream(send, j))
             else:
                 await self._run_job(receive, job, lambda j: self._generate_once(send, j))
         finally:
-            self.prefix_cache.insert(prompt + job.dec.output_ids)
+            self.prefix_cache.insert(prompt + job.dec.output_ids, extra_key)
 
     def _generate_payload(self, job: _Job) -> dict[str, Any]:
         dec = job.dec
