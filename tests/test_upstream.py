@@ -101,10 +101,12 @@ class RawServer:
 Handler = Callable[[Wire, RawServer], Awaitable[None]]
 
 
-async def serve_raw(nursery: trio.Nursery, handler: Handler) -> RawServer:
-    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+async def serve_raw(
+    nursery: trio.Nursery, handler: Handler, host: str = "127.0.0.1", port: int = 0
+) -> RawServer:
+    [listener] = await trio.open_tcp_listeners(port, host=host)
     port = listener.socket.getsockname()[1]
-    server = RawServer(f"http://127.0.0.1:{port}", listener)
+    server = RawServer(f"http://{host}:{port}", listener)
 
     async def serve(stream: trio.SocketStream, index: int) -> None:
         async with stream:
