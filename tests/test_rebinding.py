@@ -122,6 +122,7 @@ async def test_data_plane_connections_check_the_address_they_connect_to(nursery,
         keepalive_expiry=0,  # every request opens (and resolves) a new connection
         health_check_interval=60,  # probes keep their first connection: only requests move
         health_check_failure_threshold=2,
+        health_check_success_threshold=3,  # the two probes the failures ask for never do
     )
     with trio.fail_after(10):
         before = await client.post(running.url + "/generate", json={"text": "x"})
