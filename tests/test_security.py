@@ -431,3 +431,14 @@ async def test_only_inference_and_read_only_paths_are_relayed_by_default(nursery
     assert refusals == [403] * len(refused)
     assert answers == [200] * len(relayed)
     assert {s.path for s in upstream.seen} - {"/health"} == set(relayed)
+
+
+def test_the_worker_key_may_come_from_the_environment(monkeypatch):
+    from trio_router.cli import _secrets_from_environment
+    from trio_router.config import RouterConfig
+
+    monkeypatch.setenv("TRIO_ROUTER_WORKER_API_KEY", "from-env")
+    assert _secrets_from_environment(RouterConfig()).worker_api_key == "from-env"
+    given = RouterConfig(worker_api_key="from-flag")
+    assert _secrets_from_environment(given).worker_api_key == "from-flag"
+    assert RouterConfig(worker_api_key=" ").problems() == ["worker_api_key must not be empty"]
