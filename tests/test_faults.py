@@ -355,8 +355,11 @@ async def test_hanging_worker_gives_504_at_the_deadline_and_its_work_is_cancelle
         await wait_until(lambda: quiescent(router))
     assert worker.app.stats.cancelled == 1
     assert worker.app.stats.completed == 0
-    # the router's own deadline is not counted against the worker (docs/architecture.md)
-    assert state(router, worker.url) == "healthy"
+    # the worker had not answered at the deadline: that counts against it
+    pool_worker = router.pool.get(worker.url)
+    assert pool_worker is not None
+    assert pool_worker.request_failures == 1
+    assert pool_worker.last_error == f"worker {worker.url} had not answered at the request deadline"
 
 
 async def test_the_deadline_cuts_a_stream_that_has_started(nursery, client):
@@ -714,3 +717,94 @@ async def test_a_burst_of_4xx_through_the_token_cache_paths_never_counts_against
             0,
         )
     assert cache.counters.unrecorded == 10  # the refused /generate calls, one each
+
+
+# -- hung workers whose /health still answers ------------------------------------------
+
+
+async def test_a_hung_worker_whose_health_answers_leaves_rotation(nursery, client):
+    hung = await start_worker(nursery)
+    good = await start_worker(nursery)
+    running = await start_router(
+        nursery,
+        worker_urls=(hung.url, good.url),
+        policy="round_robin",
+        request_timeout=1,
+        health_check_failure_threshold=2,
+        health_check_success_threshold=3,
+        health_check_interval=60,  # only the two probes the failures ask for: no re-admission
+    )
+    router = running.router
+    hung.app.faults.hang = True
+    with trio.fail_after(20):
+        statuses = [
+            (await client.post(running.url + "/generate", json={"text": f"q{i}"})).status_code
+            for i in range(10)
+        ]
+        await wait_until(lambda: quiescent(router))
+    # each deadline that passed while the hung worker held a request counted against it:
+    # two, and it left the rotation; every later request went to the good worker
+    assert sorted(statuses) == [200] * 8 + [504] * 2, statuses
+    assert hung.app.stats.requests["/generate"] == 2
+    assert state(router, hung.url) == "quarantined"
+    assert state(router, good.url) == "healthy"
+
+
+async def test_a_stalled_stream_counts_against_its_worker_at_the_deadline(nursery, client):
+    upstream, url = await start_scripted(nursery)
+    upstream.script = Script(
+        headers=[(b"content-type", b"text/event-stream")],
+        chunks=[b"data: 1\n\n", trio.Event()],  # one event, then nothing ever again
+    )
+    running = await start_router(nursery, worker_urls=(url,), request_timeout=0.5)
+    router = running.router
+    with trio.fail_after(10):
+        status, lines, error = await read_stream(client, running.url + "/generate", {})
+        await wait_until(lambda: quiescent(router))
+    assert (status, lines) == (200, ["data: 1"])
+    assert error is not None  # the stream was cut at the deadline
+    worker = router.pool.get(url)
+    assert worker is not None
+    assert worker.request_failures == 1
+
+
+async def test_first_byte_timeout_fails_a_silent_worker_and_counts_against_it(nursery, client):
+    hung = await start_worker(nursery)
+    running = await start_router(
+        nursery,
+        worker_urls=(hung.url,),
+        first_byte_timeout=0.3,
+        health_check_failure_threshold=1,
+        health_check_interval=60,
+    )
+    router = running.router
+    hung.app.faults.hang = True
+    with trio.fail_after(10):
+        response = await client.post(running.url + "/generate", json={"text": "x"})
+        await wait_until(lambda: hung.app.stats.active == 0)
+    assert response.status_code == 504
+    message = f"worker {hung.url} did not begin its answer within 0.3 s"
+    assert response.json()["error"]["message"] == message
+    assert state(router, hung.url) == "quarantined"
+    assert hung.app.stats.cancelled == 1  # its connection was closed: the work stopped
+
+
+async def test_a_client_that_goes_away_never_counts_against_the_worker(nursery):
+    upstream, url = await start_scripted(nursery)
+    upstream.script = Script(gate_before_start=trio.Event())
+    running = await start_router(nursery, worker_urls=(url,), request_timeout=30)
+    router = running.router
+    host, port = running.url.removeprefix("http://").split(":")
+    with trio.fail_after(10):
+        for _ in range(3):
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(
+                b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+            )
+            await wait_until(lambda: upstream.active == 1)
+            await stream.aclose()
+            await wait_until(lambda: upstream.active == 0)
+        await wait_until(lambda: quiescent(router))
+    worker = router.pool.get(url)
+    assert worker is not None
+    assert (worker.state.value, worker.request_failures, worker.errors_total) == ("healthy", 0, 0)

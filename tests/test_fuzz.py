@@ -671,3 +671,185 @@ async def test_a_failure_of_one_of_n_samples_keeps_its_status(nursery, client, q
     assert failed.status_code == 502  # the worker's failure
     for response in (refused, failed):
         assert well_formed_error(response)
+
+
+# -- rebinding, framing and paths (the hostile pass's classes) ----------------------------
+
+#: what ``rebind.test`` may resolve to: the honest worker's address, impostors', metadata
+REBIND_ANSWERS = st.lists(
+    st.sampled_from(["127.0.0.1", "127.0.0.9", "127.0.0.10", "169.254.169.254", "10.1.2.3"]),
+    min_size=1,
+    max_size=3,
+    unique=True,
+)
+
+
+async def test_fuzzed_rebinding_never_reaches_a_forbidden_address(nursery, client):
+    from .test_rebinding import NAME, Rebinding
+    from .test_upstream import answer_all, serve_raw
+
+    worker = await start_worker(nursery)
+    traps = [
+        await serve_raw(nursery, answer_all, host=host, port=worker.port)
+        for host in ("127.0.0.9", "127.0.0.10")
+    ]
+    resolver = Rebinding("127.0.0.1")
+    trio.socket.set_custom_hostname_resolver(resolver)
+    url = f"http://{NAME}:{worker.port}"
+    running = await start_router(
+        nursery,
+        worker_urls=(url,),
+        worker_allow=("127.0.0.1",),
+        keepalive_expiry=0,  # a new connection (and lookup) for every request
+        health_check_interval=0.05,
+        health_check_success_threshold=1,
+        quarantine_hold=0,
+    )
+    answers = draw(REBIND_ANSWERS, n=60, seed=11)
+    statuses: dict[int, int] = {}
+    with trio.fail_after(FUZZ_DEADLINE):
+        for addresses in answers:
+            resolver.now(*addresses)
+            response = await client.post(running.url + "/generate", json={"text": "x"})
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code in (200, 502, 503), response.text
+            if response.status_code != 200:
+                assert well_formed_error(response)
+            elif "127.0.0.1" not in addresses:
+                pytest.fail(f"answered 200 while {NAME} resolved to {addresses}")
+    assert [trap.connections for trap in traps] == [0, 0]
+    assert 0 < statuses.get(200, 0) < len(answers), statuses
+
+
+@st.composite
+def framed_answers(draw_: st.DrawFn) -> tuple[bytes, bytes | None]:
+    """A worker answer's bytes, and the body a client must get (``None``: must fail)."""
+    body = draw_(st.binary(max_size=300))
+    framing = draw_(st.sampled_from(["length", "chunked", "both", "both-upper", "bad"]))
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+    chunks = b""
+    rest = body
+    for size in draw_(st.lists(st.integers(1, 80), max_size=5)):
+        piece, rest = rest[:size], rest[size:]
+        if piece:
+            chunks += b"%x\r\n%s\r\n" % (len(piece), piece)
+    if rest:
+        chunks += b"%x;ext=1\r\n%s\r\n" % (len(rest), rest)
+    chunks += b"0\r\n\r\n"
+    stated = draw_(st.sampled_from([0, 1, len(body), len(body) + 7]))
+    if framing == "length":
+        return head + b"content-length: %d\r\n\r\n%s" % (len(body), body), body
+    if framing == "chunked":
+        return head + b"transfer-encoding: chunked\r\n\r\n" + chunks, body
+    if framing in ("both", "both-upper"):
+        te = (
+            b"Transfer-Encoding: Chunked"
+            if framing == "both-upper"
+            else b"transfer-encoding: chunked"
+        )
+        return head + b"content-length: %d\r\n%s\r\n\r\n%s" % (stated, te, chunks), body
+    broken = draw_(
+        st.sampled_from(
+            [
+                b"content-length: 1\r\ncontent-length: 2\r\n\r\nab",
+                b"transfer-encoding: gzip, chunked\r\n\r\n" + chunks,
+                b"transfer-encoding: chunked\r\n\r\nzz\r\n",
+                b"content-length: -1\r\n\r\n",
+            ]
+        )
+    )
+    return head + broken, None
+
+
+async def test_fuzzed_worker_framing_reaches_the_client_whole_or_fails(nursery, client):
+    from .test_upstream import RawServer, Wire, serve_raw
+
+    script: list[bytes] = []
+
+    async def scripted(wire: Wire, server: RawServer) -> None:
+        while (head := await wire.request()) is not None:
+            if b"/health" in head:
+                await wire.send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            else:
+                await wire.send(script.pop(0))
+
+    server = await serve_raw(nursery, scripted)
+    answers = draw(framed_answers(), n=150, seed=12)
+    for kind in ("lean", "httpcore"):
+        running = await start_router(
+            nursery,
+            worker_urls=(server.url,),
+            upstream_client=kind,
+            health_check_failure_threshold=10_000,  # garbled answers must not end the run
+        )
+        with trio.fail_after(FUZZ_DEADLINE):
+            for data, body in answers:
+                script.append(data)
+                try:
+                    response = await client.post(running.url + "/generate", content=b"{}")
+                except httpx.HTTPError:
+                    assert body is None, (kind, data[:200])  # a cut answer: only when garbled
+                    continue
+                if body is None:
+                    assert response.status_code == 502, (kind, data[:200])
+                else:
+                    assert (response.status_code, response.content) == (200, body), (kind, data)
+
+
+def raw_paths() -> st.SearchStrategy[bytes]:
+    segment = st.sampled_from(
+        [
+            "v1",
+            "models",
+            "chat",
+            "completions",
+            "flush_cache",
+            "abort_request",
+            "generate",
+            "..",
+            ".",
+            "",
+            "%2e%2e",
+            "%2E.",
+            ".%2e",
+            "%2e",
+            "%252e%252e",
+            "..%5c",
+            "..\\",
+            "%2f",
+            "a%2Fb",
+            "x",
+        ]
+    )
+    return st.lists(segment, min_size=1, max_size=6).map(lambda s: ("/" + "/".join(s)).encode())
+
+
+async def test_fuzzed_raw_paths_never_reach_a_worker_in_another_form(nursery):
+    from urllib.parse import unquote
+
+    from trio_router.security import DEFAULT_RELAYED, path_matches
+
+    from .conftest import start_scripted
+    from .test_security import raw_status
+
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,))
+    targets = draw(raw_paths(), n=300, seed=13)
+    statuses: dict[int, int] = {}
+    with trio.fail_after(FUZZ_DEADLINE):
+        for target in targets:
+            status = await raw_status(running.url, target)
+            statuses[status] = statuses.get(status, 0) + 1
+            assert status < 500, target
+    for seen in upstream.seen:
+        if seen.path == "/health":
+            continue
+        segments = seen.path.split("/")
+        assert "." not in segments, seen.path
+        assert ".." not in segments, seen.path
+        assert "//" not in seen.path, seen.path
+        assert "\\" not in seen.path, seen.path
+        relayed = path_matches(unquote(seen.path), DEFAULT_RELAYED)
+        assert relayed or seen.path in BROADCAST_PATHS, seen.path
+    assert statuses.get(400, 0) > 50, statuses
+    assert statuses.get(200, 0) > 0, statuses

@@ -66,6 +66,14 @@ def test_normalize_worker_url_canonical_form(raw: str, expected: str) -> None:
         ("http://10.0.0.1:99999", "invalid worker url"),
         ("http://10.0.0.1:port", "invalid worker url"),
         ("http://[::1:8000", "invalid worker url"),
+        # found by the hostile pass: a 500 on /add_worker, a traceback for --worker-urls
+        ("http://a..b:8000", "'a..b' is not a valid host name"),
+        ("http://.a:8000", "not a valid host name"),
+        ("http://-a-:8000", "not a valid host name"),
+        ("http://a%20b:8000", "not a valid host name"),
+        ("http://" + "a" * 64 + ":8000", "not a valid host name"),
+        ("http://" + "a." * 127 + "a:8000", "not a valid host name"),  # 255 characters
+        ("http://10.0.0.1:0", "port 0 is not a port to connect to"),
     ],
 )
 def test_normalize_worker_url_rejects_bad_input(raw: object, message: str) -> None:
@@ -571,3 +579,70 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+# -- re-admission on probation, held out longer each time ----------------------------
+
+
+def quarantine_by_requests(pool: WorkerPool, i: int, now: float) -> None:
+    w = worker(pool, i)
+    while w.state is not WorkerState.QUARANTINED:
+        pool.request_failed(w, now, "worker answered 502")
+
+
+def test_repeated_quarantines_hold_a_worker_out_longer_each_time() -> None:
+    rules = HealthRules(hold=10.0, max_hold=300.0)
+    holds = [rules.hold_after(n) for n in range(1, 9)]
+    assert holds == [0.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0]
+    assert rules.hold_after(10_000) == 300.0
+
+
+def test_a_worker_that_passes_probes_but_fails_requests_is_not_readmitted_over_and_over() -> None:
+    # what the hostile pass saw: probes re-admitted it, requests failed, over and over
+    rules = HealthRules(failure_threshold=3, success_threshold=2, hold=10.0, max_hold=300.0)
+    pool = make_pool(1, rules=rules)
+    w = worker(pool, 0)
+    quarantine_by_requests(pool, 0, 1.0)
+    assert (w.state, w.quarantines, w.held_until) == (WorkerState.QUARANTINED, 1, 1.0)
+    pool.probe_succeeded(url(0), 2.0)
+    transition = pool.probe_succeeded(url(0), 3.0)
+    assert transition is not None  # the first time, back after the success threshold
+    assert (transition.new, transition.reason) == (WorkerState.HEALTHY, "recovered")
+    # on probation: one failed request is enough to quarantine it again, held 10 s
+    transition = pool.request_failed(w, 4.0, "worker answered 502")
+    assert transition is not None
+    assert (transition.old, transition.new) == (WorkerState.HEALTHY, WorkerState.QUARANTINED)
+    assert (w.quarantines, w.held_until) == (2, 14.0)
+    for t in (5.0, 6.0, 13.9):
+        assert pool.probe_succeeded(url(0), t) is None  # held out, however many probes pass
+    assert pool.probe_succeeded(url(0), 14.0) is not None
+    pool.request_failed(w, 15.0, "worker answered 502")  # again: held 20 s this time
+    assert (w.state, w.quarantines, w.held_until) == (WorkerState.QUARANTINED, 3, 35.0)
+    assert pool.probe_succeeded(url(0), 34.0) is None
+    assert pool.probe_succeeded(url(0), 35.0) is not None
+    assert w.state is WorkerState.HEALTHY
+
+
+def test_a_completed_request_ends_the_probation() -> None:
+    pool = make_pool(2, rules=HealthRules(failure_threshold=3, success_threshold=1))
+    w = worker(pool, 0)
+    quarantine_by_requests(pool, 0, 1.0)
+    pool.probe_succeeded(url(0), 2.0)
+    assert w.state is WorkerState.HEALTHY
+    pool.request_succeeded(w, 3.0)
+    assert w.quarantines == 0
+    transition = pool.request_failed(w, 4.0, "worker answered 502")
+    assert transition is not None
+    assert transition.new is WorkerState.SUSPECT  # one failure no longer quarantines
+    quarantine_by_requests(pool, 0, 5.0)
+    assert (w.quarantines, w.held_until) == (1, 5.0)  # a first quarantine again: no hold
+
+
+def test_an_answer_from_before_the_quarantine_does_not_end_the_probation() -> None:
+    pool = make_pool(1, rules=HealthRules(failure_threshold=1, success_threshold=1))
+    w = worker(pool, 0)
+    lease = pool.acquire(w)
+    quarantine_by_requests(pool, 0, 1.0)
+    pool.request_succeeded(w, 2.0)  # the request that was already in flight
+    lease.release()
+    assert (w.state, w.quarantines) == (WorkerState.QUARANTINED, 1)

@@ -8,10 +8,18 @@ import ipaddress
 import pytest
 import trio
 
-from trio_router.errors import Forbidden, Unauthorized
-from trio_router.security import Gate, check_worker, is_loopback, parse_allow
+from trio_router.errors import BadRequest, Forbidden, Unauthorized
+from trio_router.security import (
+    Gate,
+    check_target,
+    check_worker,
+    is_loopback,
+    parse_allow,
+    resolve_host,
+)
 
-from .conftest import start_router, start_worker
+from .conftest import start_router, start_scripted, start_worker
+from .scripted import Seen
 from .test_proxy import wait_until
 
 DEFAULT = parse_allow(["loopback", "private"])
@@ -247,3 +255,190 @@ async def test_a_broken_http2_upload_closes_its_connection_not_the_router(nurser
                 await h2.post(running.url + "/retrieve_from_text", content=b"x" * 200_000)
         health = await client.get(running.url + "/health")
     assert health.status_code == 200
+
+
+# -- worker URLs that broke registration -------------------------------------------------
+
+
+async def test_a_malformed_host_or_port_0_is_a_400_and_changes_nothing(nursery, client):
+    running = await start_router(nursery)
+    with trio.fail_after(10):
+        answers = [
+            await client.post(running.url + "/add_worker", params={"url": url})
+            for url in ("http://a..b:8000", "http://127.0.0.1:0", "http://-x-:1")
+        ]
+        listed = (await client.get(running.url + "/list_workers")).json()
+    assert [a.status_code for a in answers] == [400, 400, 400]
+    assert "'a..b' is not a valid host name" in answers[0].json()["error"]["message"]
+    assert "port 0" in answers[1].json()["error"]["message"]
+    assert listed == {"urls": []}
+
+
+def test_a_malformed_worker_host_at_start_is_one_line_and_exit_2(capsys):
+    from trio_router.cli import main
+
+    assert main(["serve", "--port", "0", "--worker-urls", "http://a..b:8000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "trio-router: error: --worker-urls: invalid worker url 'http://a..b:8000': "
+        "'a..b' is not a valid host name"
+    ]
+
+
+async def test_a_name_the_resolver_cannot_encode_is_a_bad_request():
+    with pytest.raises(BadRequest, match="does not resolve"):
+        await resolve_host("a..b", 80)
+
+
+# -- the router's credentials stay with the router --------------------------------------
+
+
+def header(seen: Seen, name: bytes) -> list[bytes]:
+    return [value for key, value in seen.headers if key == name]
+
+
+async def test_the_routers_credentials_never_reach_a_worker(nursery, client):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(
+        nursery, worker_urls=(url,), admin_token="s3cret-token", api_key=("key-a",)
+    )
+    with trio.fail_after(10):
+        generated = await client.post(
+            running.url + "/generate",
+            json={},
+            headers={"Authorization": "Bearer key-a", "X-Session-Token": "tok"},
+        )
+        flushed = await client.post(
+            running.url + "/flush_cache", headers={"Authorization": "Bearer s3cret-token"}
+        )
+    assert (generated.status_code, flushed.status_code) == (200, 200)
+    [generate] = [s for s in upstream.seen if s.path == "/generate"]
+    [flush] = [s for s in upstream.seen if s.path == "/flush_cache"]
+    for seen in (generate, flush):
+        assert header(seen, b"authorization") == []
+        assert header(seen, b"x-session-token") == []
+
+
+async def test_workers_get_their_own_key_on_every_call(nursery, client):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(
+        nursery, worker_urls=(url,), api_key=("key-a",), worker_api_key="worker-key-1"
+    )
+    with trio.fail_after(10):
+        generated = await client.post(
+            running.url + "/generate", json={}, headers={"Authorization": "Bearer key-a"}
+        )
+        flushed = await client.post(running.url + "/flush_cache")  # from loopback: admin
+        await wait_until(lambda: any(s.path == "/health" for s in upstream.seen))
+    assert (generated.status_code, flushed.status_code) == (200, 200)
+    paths = {s.path for s in upstream.seen}
+    assert {"/generate", "/flush_cache", "/health"} <= paths
+    for seen in upstream.seen:  # data plane, broadcast and probes alike
+        assert header(seen, b"authorization") == [b"Bearer worker-key-1"], seen.path
+
+
+async def test_without_router_credentials_the_clients_authorization_passes(nursery, client):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,), admin_token="s3cret-token")
+    with trio.fail_after(10):
+        mine = await client.post(
+            running.url + "/generate", json={}, headers={"Authorization": "Bearer for-sglang"}
+        )
+        leaked = await client.post(
+            running.url + "/generate", json={}, headers={"Authorization": "Basic s3cret-token"}
+        )
+    assert (mine.status_code, leaked.status_code) == (200, 200)
+    first, second = [s for s in upstream.seen if s.path == "/generate"]
+    assert header(first, b"authorization") == [b"Bearer for-sglang"]
+    assert header(second, b"authorization") == []  # the admin token, however it is spelled
+
+
+def test_gate_worker_headers():
+    plain = [(b"content-type", b"application/json"), (b"authorization", b"Bearer x")]
+    assert Gate().worker_headers(plain) is plain
+    assert Gate(api_keys=("k",)).worker_headers(plain) == plain[:1]
+    assert Gate(admin_token="s3cret-token").worker_headers(plain) == plain
+    keyed = Gate(worker_api_key="w").worker_headers(plain)
+    assert keyed == [plain[0], (b"authorization", b"Bearer w")]
+
+
+# -- paths a worker might read otherwise, and what is relayed ---------------------------
+
+
+async def raw_status(url: str, target: bytes) -> int:
+    """The status the router answers ``GET target`` with, sent as is (httpx would
+    normalise the dot segments away before sending)."""
+    host, port = url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(b"GET %s HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n" % target)
+        answer = b""
+        while b"\r\n" not in answer:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+            answer += data
+    return int(answer.split(b" ", 2)[1])
+
+
+DOT_SEGMENTS = [
+    b"/v1/../flush_cache",
+    b"/v1/models/../../abort_request",
+    b"/v1/%2e%2e/flush_cache",
+    b"/v1/%2E%2e/flush_cache",
+    b"/v1/models/%252e%252e/x",  # double encoded
+    b"/v1/./models",
+    b"/v1//models",
+    b"//v1/models",
+    b"/v1/models/..%5cx",
+    b"/v1/models/..\\x",
+    b"/files/../flush_cache",
+]
+
+
+async def test_dot_segment_paths_are_refused_before_any_worker_sees_them(nursery):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,), proxy_allow=("/files/",))
+    with trio.fail_after(10):
+        statuses = [await raw_status(running.url, target) for target in DOT_SEGMENTS]
+        plain = await raw_status(running.url, b"/v1/models/a%2Fb")
+    assert statuses == [400] * len(DOT_SEGMENTS)
+    assert plain == 200  # an encoded slash alone cannot leave a prefix: relayed as sent
+    assert [s.path for s in upstream.seen if s.path != "/health"] == ["/v1/models/a/b"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [t.decode() for t in DOT_SEGMENTS if b"%" not in t] + ["/v1/%2e%2e/x", "/x?y=/../z"],
+)
+def test_check_target_refuses_what_a_worker_might_normalise(target):
+    if "?" in target:  # only the path part counts
+        check_target(target)
+        return
+    with pytest.raises(BadRequest, match="dot segments"):
+        check_target(target)
+
+
+async def test_only_inference_and_read_only_paths_are_relayed_by_default(nursery, client):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,))
+    refused = ["/v1/files", "/v1/batches", "/v1/files/f-1/content", "/v1/responses/r-1"]
+    refused += ["/v1/fine_tuning/jobs", "/get_weight_version", "/get_load"]
+    relayed = ["/v1/models", "/v1/models/m", "/v1/loads", "/v1/embeddings", "/v1/rerank"]
+    with trio.fail_after(10):
+        refusals = [(await client.get(running.url + path)).status_code for path in refused]
+        answers = [(await client.get(running.url + path)).status_code for path in relayed]
+    assert refusals == [403] * len(refused)
+    assert answers == [200] * len(relayed)
+    assert {s.path for s in upstream.seen} - {"/health"} == set(relayed)
+
+
+def test_the_worker_key_may_come_from_the_environment(monkeypatch):
+    from trio_router.cli import _secrets_from_environment
+    from trio_router.config import RouterConfig
+
+    monkeypatch.setenv("TRIO_ROUTER_WORKER_API_KEY", "from-env")
+    assert _secrets_from_environment(RouterConfig()).worker_api_key == "from-env"
+    given = RouterConfig(worker_api_key="from-flag")
+    assert _secrets_from_environment(given).worker_api_key == "from-flag"
+    assert RouterConfig(worker_api_key=" ").problems() == ["worker_api_key must not be empty"]

@@ -114,6 +114,8 @@ def _secrets_from_environment(config: RouterConfig) -> RouterConfig:
     changes: dict[str, object] = {}
     if config.admin_token is None and os.environ.get("TRIO_ROUTER_ADMIN_TOKEN"):
         changes["admin_token"] = os.environ["TRIO_ROUTER_ADMIN_TOKEN"]
+    if config.worker_api_key is None and os.environ.get("TRIO_ROUTER_WORKER_API_KEY"):
+        changes["worker_api_key"] = os.environ["TRIO_ROUTER_WORKER_API_KEY"]
     if not config.api_key and os.environ.get("TRIO_ROUTER_API_KEY"):
         changes["api_key"] = tuple(os.environ["TRIO_ROUTER_API_KEY"].split(","))
     if not changes:

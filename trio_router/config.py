@@ -48,6 +48,12 @@ class RouterConfig:
         2, "consecutive probe successes that re-admit a quarantined worker"
     )
     health_check_endpoint: str = option("/health", "worker path probed for health")
+    quarantine_hold: float = option(
+        10.0,
+        "seconds a worker quarantined again with no successful request since its last "
+        "re-admission is held out before probes may re-admit it; doubles each time",
+    )
+    quarantine_max_hold: float = option(300.0, "longest such hold, in seconds")
     max_retries: int = option(
         2,
         "extra attempts on another worker for a request that could not be sent, "
@@ -62,6 +68,12 @@ class RouterConfig:
         3600.0, "total seconds one proxied request may take, streaming included (0 = no limit)"
     )
     connect_timeout: float = option(5.0, "seconds to open a connection to a worker")
+    first_byte_timeout: float = option(
+        0.0,
+        "seconds a worker may take to begin its answer (its response head) before the "
+        "request fails with 504 and counts against it (0 = no limit; a non-streamed "
+        "generation answers only when it is done)",
+    )
     max_connections: int = option(1024, "upstream connections kept open to all workers together")
     keepalive_expiry: float = option(
         4.0, "seconds an idle upstream connection is kept (below SGLang's 5 s keep-alive)"
@@ -140,6 +152,11 @@ class RouterConfig:
         "also TRIO_ROUTER_API_KEY",
         nargs="*",
     )
+    worker_api_key: str | None = option(
+        None,
+        "key sent to every worker (Authorization: Bearer; SGLang's --api-key) in place of "
+        "the client's; also TRIO_ROUTER_WORKER_API_KEY",
+    )
     worker_allow: tuple[str, ...] = option(
         ("loopback", "private"),
         "hosts workers may live on: loopback, private, any, a CIDR, a host or *.domain, "
@@ -186,7 +203,13 @@ class RouterConfig:
         ):
             if getattr(self, name) <= 0:
                 found.append(f"{name} must be > 0")
-        for name in ("request_timeout", "graceful_timeout", "keepalive_expiry"):
+        for name in (
+            "request_timeout",
+            "graceful_timeout",
+            "keepalive_expiry",
+            "first_byte_timeout",
+            "quarantine_hold",
+        ):
             if getattr(self, name) < 0:
                 found.append(f"{name} must be >= 0")
         for name in (
@@ -216,6 +239,10 @@ class RouterConfig:
             found.append("max_concurrent_requests must be >= 0 and max_header_size >= 1024")
         if self.admin_token is not None and len(self.admin_token) < 8:
             found.append("admin_token must be at least 8 characters")
+        if self.quarantine_max_hold < self.quarantine_hold:
+            found.append("quarantine_max_hold must be >= quarantine_hold")
+        if self.worker_api_key is not None and not self.worker_api_key.strip():
+            found.append("worker_api_key must not be empty")
         if self.max_retries < 0:
             found.append("max_retries must be >= 0")
         if self.sticky_spill_factor < 1 or self.hash_load_factor < 1:

@@ -35,6 +35,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnanswered,
 )
+from .guarded import AddressGuard, open_guarded_tcp
 from .http1 import ProtocolError, ResponseReader, is_token
 from .upstream import UpstreamLimits
 
@@ -158,8 +159,14 @@ class Connection:
 class ConnectionPool:
     """Idle connections per origin, and a bound on open connections to all of them."""
 
-    def __init__(self, limits: UpstreamLimits, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        limits: UpstreamLimits,
+        ssl_context: ssl.SSLContext | None = None,
+        guard: AddressGuard | None = None,
+    ) -> None:
         self.limits = limits
+        self._guard = guard
         self._expiry = limits.keepalive_expiry
         self._origins: dict[tuple[bool, str, int], _Origin] = {}
         self._by_url: dict[str, _Origin] = {}
@@ -227,7 +234,10 @@ class ConnectionPool:
         stream: trio.abc.Stream | None = None
         try:
             with trio.move_on_after(limits.connect_timeout) as scope:
-                stream = tcp = await trio.open_tcp_stream(origin.host, origin.port)
+                if self._guard is None:
+                    stream = tcp = await trio.open_tcp_stream(origin.host, origin.port)
+                else:
+                    stream = tcp = await open_guarded_tcp(origin.host, origin.port, self._guard)
                 if origin.tls:
                     stream = trio.SSLStream(tcp, self._ssl_context(), server_hostname=origin.host)
                     await stream.do_handshake()
@@ -326,6 +336,11 @@ class LeanResponse:
         self._pool = pool
         self._state = 0  # 0 reading, 1 complete, 2 closed early
 
+    @property
+    def finished(self) -> bool:
+        """The body was read to its end."""
+        return self._state == 1
+
     def __aiter__(self) -> LeanResponse:
         return self
 
@@ -397,10 +412,16 @@ class _Exchange(AbstractAsyncContextManager[LeanResponse]):
 class LeanUpstream:
     """Sends requests to workers over pooled HTTP/1.1 connections (see the module doc)."""
 
-    def __init__(self, limits: UpstreamLimits, ssl_context: ssl.SSLContext | None = None) -> None:
-        """``ssl_context`` verifies https workers (default: the system's CAs)."""
+    def __init__(
+        self,
+        limits: UpstreamLimits,
+        ssl_context: ssl.SSLContext | None = None,
+        guard: AddressGuard | None = None,
+    ) -> None:
+        """``ssl_context`` verifies https workers (default: the system's CAs); ``guard``
+        checks the address of every new connection (``guarded``)."""
         self.limits = limits
-        self.pool = ConnectionPool(limits, ssl_context)
+        self.pool = ConnectionPool(limits, ssl_context, guard)
 
     def stream(
         self,

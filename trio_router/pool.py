@@ -17,17 +17,30 @@ A SUSPECT worker gets traffic only when no HEALTHY worker is left. A 4xx is the
 client's fault and never counts against a worker. A successful probe lets a
 suspect worker back, but only a whole successful answer clears its count of
 failed requests, so a worker that answers /health yet fails every request is
-still quarantined. Removing a worker with requests in flight *drains* it: it
-takes no new requests and leaves the pool when its last lease is released.
+still quarantined.
+
+Probes alone cannot tell a worker that answers /health but hangs or garbles
+requests from a good one, so re-admission is on probation: until a re-admitted
+worker completes a request, one failed request quarantines it again, and each
+such repeated quarantine holds it out longer (``HealthRules.hold_after``: no hold
+the first time, then ``hold`` seconds, doubling up to ``max_hold``) before probes
+may re-admit it. A completed request ends the probation and the count.
+
+Removing a worker with requests in flight *drains* it: it takes no new requests
+and leaves the pool when its last lease is released.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import BadRequest, NotFound
+
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?")
 
 
 class WorkerState(enum.Enum):
@@ -41,6 +54,16 @@ class WorkerState(enum.Enum):
 class HealthRules:
     failure_threshold: int = 3
     success_threshold: int = 2
+    #: seconds the second quarantine in a row (no completed request between) holds a
+    #: worker out before probes may re-admit it; doubled for each further one
+    hold: float = 10.0
+    max_hold: float = 300.0
+
+    def hold_after(self, quarantines: int) -> float:
+        """Seconds a worker quarantined ``quarantines`` times in a row is held out."""
+        if quarantines <= 1:
+            return 0.0
+        return min(self.hold * 2.0 ** min(quarantines - 2, 60), self.max_hold)
 
 
 @dataclass(slots=True, eq=False)
@@ -59,6 +82,10 @@ class Worker:
     consecutive_successes: int = 0
     #: consecutive proxied requests that failed (connection error or 5xx)
     request_failures: int = 0
+    #: quarantines since the worker last completed a request (re-admitted on probation)
+    quarantines: int = 0
+    #: no re-admission before this time
+    held_until: float = 0.0
     last_checked: float | None = None
     last_error: str | None = None
     state_since: float = 0.0
@@ -78,6 +105,7 @@ class Worker:
             "errors": self.errors_total,
             "consecutive_failures": self.consecutive_failures,
             "request_failures": self.request_failures,
+            "quarantines": self.quarantines,
             "last_error": self.last_error,
         }
 
@@ -201,7 +229,10 @@ class WorkerPool:
         worker.consecutive_successes += 1
         state = worker.state
         if state is WorkerState.QUARANTINED:
-            if worker.consecutive_successes >= self.rules.success_threshold:
+            if (
+                worker.consecutive_successes >= self.rules.success_threshold
+                and now >= worker.held_until
+            ):
                 worker.request_failures = 0
                 return self._move(worker, WorkerState.HEALTHY, now, "recovered")
         elif state is not WorkerState.HEALTHY:
@@ -231,16 +262,18 @@ class WorkerPool:
         worker.consecutive_successes = 0
         worker.request_failures += 1
         worker.last_error = reason
-        if worker.request_failures >= self.rules.failure_threshold:
-            return self._quarantine(worker, now, reason)
+        if worker.request_failures >= self.rules.failure_threshold or worker.quarantines:
+            return self._quarantine(worker, now, reason)  # (at once when on probation)
         if worker.state is WorkerState.HEALTHY:
             return self._move(worker, WorkerState.SUSPECT, now, reason)
         return None
 
     def request_succeeded(self, worker: Worker, now: float) -> Transition | None:
-        """Passive signal: the worker answered below 500."""
-        if worker.request_failures == 0 and worker.consecutive_failures == 0:
+        """Passive signal: the worker answered below 500, to the end."""
+        if not (worker.request_failures or worker.consecutive_failures or worker.quarantines):
             return None
+        if worker.state is not WorkerState.QUARANTINED:  # not one from before its quarantine
+            worker.quarantines = 0  # probation over
         worker.request_failures = 0
         worker.consecutive_failures = 0
         if worker.state is WorkerState.SUSPECT and self._workers.get(worker.url) is worker:
@@ -250,6 +283,8 @@ class WorkerPool:
     def _quarantine(self, worker: Worker, now: float, reason: str) -> Transition | None:
         if worker.state is WorkerState.QUARANTINED:
             return None
+        worker.quarantines += 1
+        worker.held_until = now + self.rules.hold_after(worker.quarantines)
         return self._move(worker, WorkerState.QUARANTINED, now, reason)
 
     def _move(self, worker: Worker, new: WorkerState, now: float, reason: str) -> Transition:
@@ -299,8 +334,34 @@ def normalize_worker_url(raw: object) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise BadRequest(f"worker url must be scheme://host:port without a path: {text!r}")
     host = parts.hostname.lower()
+    problem = _host_problem(host)
+    if problem:
+        raise BadRequest(f"invalid worker url {text!r}: {problem}")
     if ":" in host:
         host = f"[{host}]"
     if port is None:
         port = 443 if scheme == "https" else 80
+    elif port == 0:
+        raise BadRequest(f"invalid worker url {text!r}: port 0 is not a port to connect to")
     return f"{scheme}://{host}:{port}"
+
+
+def _host_problem(host: str) -> str | None:
+    """What is wrong with a worker host name (``None`` if nothing): an address, or a DNS
+    name of 1-63 character labels, 253 characters at most in its ASCII (IDNA) form."""
+    if ":" in host:  # an IPv6 literal; urlsplit took off the brackets
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+        return None
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return f"{host!r} is not a valid host name"
+    labels = ascii_host.removesuffix(".").split(".")
+    if len(ascii_host) > 253 or not all(
+        0 < len(label) <= 63 and _LABEL.fullmatch(label) for label in labels
+    ):
+        return f"{host!r} is not a valid host name"
+    return None

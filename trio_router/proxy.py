@@ -37,7 +37,7 @@ from .errors import (
 from .hooks import Outcome, ProxyRequest, Reply, ResponseHead
 from .policies import Policy
 from .router import Router
-from .security import BROADCAST_PATHS, is_inference_or_read_only
+from .security import BROADCAST_PATHS, check_target, is_inference_or_read_only
 from .tenancy import kv_scoped_body, needs_kv_scope
 from .upstream import UpstreamResponse
 
@@ -61,7 +61,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+#: also never sent to a worker: the router's own session token (its credentials, the
+#: Authorization header, are handled by ``Gate.worker_headers``)
+DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-session-token"}
 DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date"}
 ROUTING_KEY_HEADERS = (b"x-smg-routing-key", b"x-session-id")
 MAX_ROUTING_KEY = 256
@@ -72,20 +74,24 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in ``Connection:``, which are hop-by-hop too."""
+def _also_dropped(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names listed in ``Connection:``, which are hop-by-hop too; and
+    ``content-length`` beside a ``transfer-encoding``, which overrides it (RFC 9112
+    §6.3: an intermediary removes it, or the body it relays is cut at that length)."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+        elif name == b"transfer-encoding":
+            tokens.add(b"content-length")
+    return tokens
 
 
 def forward_headers(
     headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
 ) -> list[tuple[bytes, bytes]]:
-    """``headers`` minus hop-by-hop ones (and those the Connection header names)."""
-    extra = _connection_tokens(headers)
+    """``headers`` minus hop-by-hop ones (and those ``_also_dropped`` names)."""
+    extra = _also_dropped(headers)
     if extra:
         drop = drop | extra
     return [(k, v) for k, v in headers if k.lower() not in drop]
@@ -365,14 +371,21 @@ async def open_exchange(
     A request that provably never reached a worker (connection refused) is
     sent to another, up to ``max_retries`` times; so is an inference request
     whose worker broke the connection before answering (``resend_unanswered``).
-    Connection errors and 5xx answers count against the worker; the lease is
-    released however the block ends.
+    Connection errors, 5xx answers, a worker slower to begin its answer than
+    ``first_byte_timeout``, and the request's deadline passing while the worker's
+    answer is unfinished count against the worker; the lease is released however
+    the block ends. The router's own credentials never reach a worker
+    (``Gate.worker_headers``), nor does a path a worker might read otherwise
+    (``check_target``: 400).
     """
     progress = progress if progress is not None else Progress()
+    check_target(request.target.decode("latin-1"))
     tried: set[str] = set()
-    headers = forward_headers(request.headers, DROP_REQUEST)
+    headers = router.gate.worker_headers(forward_headers(request.headers, DROP_REQUEST))
     method = request.method.encode()
     policy: Policy = request.state.get("policy") or router.policy
+    first_byte = router.config.first_byte_timeout or math.inf
+    deadline = trio.current_effective_deadline()  # the request's, as the exchange begins
     last_error: UpstreamConnectError | UpstreamUnanswered | None = None
     while True:
         try:
@@ -395,12 +408,18 @@ async def open_exchange(
         progress.branch = f"{policy.name}:{decision.branch}"
         async with AsyncExitStack() as stack:
             stack.callback(router.pool.acquire(worker).release)
+            response: UpstreamResponse | None = None
             try:
-                response = await stack.enter_async_context(
-                    router.upstream.stream(
-                        worker.url, method, request.target, headers, request.body
+                with trio.move_on_after(first_byte):
+                    response = await stack.enter_async_context(
+                        router.upstream.stream(
+                            worker.url, method, request.target, headers, request.body
+                        )
                     )
-                )
+                if response is None:
+                    raise UpstreamTimeout(
+                        f"worker {worker.url} did not begin its answer within {first_byte:g} s"
+                    )
             except (UpstreamConnectError, UpstreamUnanswered) as exc:
                 passive_failure(router, worker.url, exc)
                 if len(tried) >= router.config.max_retries or not may_resend(router, request, exc):
@@ -413,6 +432,9 @@ async def open_exchange(
             except UpstreamError as exc:  # it reached the worker, which broke the exchange
                 passive_failure(router, worker.url, exc)
                 raise
+            except trio.Cancelled:
+                _deadline_passed(router, worker.url, deadline)
+                raise
             failed = response.status >= 500
             if failed:
                 passive_failure(
@@ -423,11 +445,24 @@ async def open_exchange(
             except UpstreamError as exc:
                 passive_failure(router, worker.url, exc)
                 raise
+            except trio.Cancelled:
+                if not response.finished:
+                    _deadline_passed(router, worker.url, deadline)
+                raise
             if not failed:  # only a whole answer clears the worker's failure count
                 transition = router.pool.request_succeeded(worker, trio.current_time())
                 if transition is not None:
                     router.health.on_transition(transition)
             return
+
+
+def _deadline_passed(router: Router, url: str, deadline: float) -> None:
+    """The exchange with ``url`` was cancelled unfinished: if by the request's deadline
+    (not a client going away, nor shutdown), the worker was too slow: count it."""
+    if trio.current_time() >= deadline:
+        passive_failure(
+            router, url, UpstreamTimeout(f"worker {url} had not answered at the request deadline")
+        )
 
 
 def may_resend(router: Router, request: ProxyRequest, exc: UpstreamError) -> bool:
@@ -474,8 +509,9 @@ def passive_failure(router: Router, url: str, exc: RouterError) -> None:
 
 async def broadcast(router: Router, request: ProxyRequest) -> Reply:
     """Send a worker-control call to every registered worker; report each result."""
+    check_target(request.target.decode("latin-1"))
     results: dict[str, dict[str, Any]] = {}
-    headers = dict(forward_headers(request.headers, DROP_REQUEST))
+    headers = dict(router.gate.worker_headers(forward_headers(request.headers, DROP_REQUEST)))
     timeout = router.config.request_timeout or None
 
     async def one(url: str) -> None:

@@ -19,6 +19,7 @@ import trio
 
 from .config import RouterConfig
 from .errors import ConfigError, RouterError
+from .guarded import GuardedTransport
 from .health import HealthChecker, Probe, http_probe
 from .hooks import Middleware, MiddlewareChain, load_middleware
 from .lean_upstream import LeanUpstream
@@ -26,7 +27,14 @@ from .metrics import CacheCollector, Metrics
 from .openai_api import OpenAIFrontend
 from .policies import Policy, make_policy
 from .pool import HealthRules, Transition, Worker, WorkerPool, normalize_worker_url
-from .security import DEFAULT_RELAYED, Gate, check_worker, parse_allow, resolve_host
+from .security import (
+    DEFAULT_RELAYED,
+    Gate,
+    address_guard,
+    check_worker,
+    parse_allow,
+    resolve_host,
+)
 from .session_api import SessionFrontend
 from .sessions import SessionTable
 from .supervise import ServiceBoard, supervise
@@ -53,6 +61,8 @@ class Router:
             HealthRules(
                 failure_threshold=config.health_check_failure_threshold,
                 success_threshold=config.health_check_success_threshold,
+                hold=config.quarantine_hold,
+                max_hold=config.quarantine_max_hold,
             )
         )
         self.policy: Policy = make_policy(
@@ -70,8 +80,10 @@ class Router:
             insecure_admin=config.insecure_admin,
             api_keys=config.api_key,
             relayed=DEFAULT_RELAYED + config.proxy_allow,
+            worker_api_key=config.worker_api_key,
         )
         self.allow_rules = parse_allow(config.worker_allow)
+        guard = address_guard(self.allow_rules)  # checks every new connection to a worker
         self.metrics = Metrics(self.pool, self.services.restarts)
         self.health = HealthChecker(
             self.pool,
@@ -86,7 +98,9 @@ class Router:
             connect_timeout=config.connect_timeout,
         )
         self.upstream: UpstreamClient = (
-            Upstream(limits) if config.upstream_client == "httpcore" else LeanUpstream(limits)
+            Upstream(limits, guard)
+            if config.upstream_client == "httpcore"
+            else LeanUpstream(limits, guard=guard)
         )
         self.token_cache: TokenCache | None = None
         self.sessions: SessionFrontend | None = None
@@ -210,9 +224,15 @@ async def open_router(
     problems = config.problems()
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
+    # Probes and broadcasts: connections checked against the allow-list like the data
+    # plane's, and the worker's own key (if any) on every call.
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4)
     timeout = httpx.Timeout(config.health_check_timeout, connect=config.connect_timeout)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+    transport = GuardedTransport(address_guard(parse_allow(config.worker_allow)), limits=limits)
+    headers = {}
+    if config.worker_api_key is not None:
+        headers["authorization"] = f"Bearer {config.worker_api_key}"
+    async with httpx.AsyncClient(transport=transport, timeout=timeout, headers=headers) as http:
         if probe is None:
             probe = http_probe(http, config.health_check_endpoint, config.health_check_timeout)
         if tokenizer is None and config.radix_tree_max_size > 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -51,22 +51,36 @@ PRIVATE_NETWORKS: tuple[IPNetwork, ...] = tuple(
     for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
 )
 
-#: Paths relayed to one worker by default (exact, or a prefix ending in "/").
+#: Paths relayed to one worker by default (exact, or a prefix ending in "/"): the
+#: inference and read-only routes SGLang 0.5.23 serves (its ``http_server.py``). Stored
+#: state (``/v1/files``, ``/v1/batches``, ``/v1/responses/<id>``) is never relayed: the
+#: router cannot tell whose it is.
 DEFAULT_RELAYED = (
     "/generate",
-    "/v1/",
     "/health",
     "/health_generate",
     "/get_model_info",
     "/get_server_info",
     "/model_info",
     "/server_info",
-    "/get_weight_version",
-    "/get_load",
     "/tokenize",
     "/detokenize",
     "/encode",
     "/classify",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/models/",
+    "/v1/embeddings",
+    "/v1/classify",
+    "/v1/rerank",
+    "/v1/score",
+    "/v1/tokenize",
+    "/v1/detokenize",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/loads",
 )
 #: Worker-control paths: admin only, sent to every worker.
 BROADCAST_PATHS = frozenset(
@@ -176,7 +190,7 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
         pass
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: not a valid IDNA name
         raise BadRequest(f"worker host {host!r} does not resolve: {exc}") from None
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
@@ -184,8 +198,17 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
 def check_worker(url: str, addresses: Sequence[IPAddress], rules: Sequence[AllowRule]) -> None:
     """Refuse a worker URL that the allow-list does not admit, saying why."""
     parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    check_address(parts.hostname or "", port, addresses, rules)
+
+
+def check_address(
+    host: str, port: int, addresses: Sequence[IPAddress], rules: Sequence[AllowRule]
+) -> None:
+    """Refuse ``host`` at ``addresses`` (all of them must pass) unless the allow-list admits
+    it, saying why. Checked at registration, and again for the address of every new
+    connection to a worker (a name may resolve elsewhere later)."""
+    host = host.lower()
     if host in DENIED_NAMES or (host.endswith(".internal") and host.startswith("metadata")):
         raise Forbidden(f"worker host {host!r} is a cloud metadata service")
     plain = [_unmapped(a) for a in addresses]
@@ -201,6 +224,38 @@ def check_worker(url: str, addresses: Sequence[IPAddress], rules: Sequence[Allow
         )
 
 
+def address_guard(rules: Sequence[AllowRule]) -> Callable[[str, int, IPAddress], None]:
+    """A check of one address a worker's host resolved to, for every new connection."""
+
+    def guard(host: str, port: int, address: IPAddress) -> None:
+        check_address(host, port, [address], rules)
+
+    return guard
+
+
+def check_target(target: str) -> None:
+    """Refuse a request path that a worker, or anything on the way, might read as another
+    path than the one the router checked: dot segments, empty segments and backslashes,
+    also percent-encoded (``/v1/../flush_cache``, ``/v1/%2e%2e/x``, ``//x``, ``/v1/..%5cx``).
+    Checked on the raw path and on the decoded one (so double encoding is refused too):
+    the router matches paths exactly and would rather refuse than guess how the other side
+    normalises. An encoded slash alone (``a%2Fb``) passes: it cannot leave a prefix."""
+    path = target.split("?", 1)[0]
+    lowered = path.lower()
+    if (
+        not path.startswith("/")
+        or "//" in path
+        or "\\" in path
+        or "%2e" in lowered
+        or "%5c" in lowered
+        or any(segment in (".", "..") for segment in path.split("/"))
+    ):
+        raise BadRequest(
+            f"request path {path[:200]!r} has dot segments, empty segments or backslashes; "
+            "send it in its plain form"
+        )
+
+
 @dataclass(slots=True)
 class Gate:
     """Admin and API-key checks, with the namespace a caller's key implies."""
@@ -209,11 +264,16 @@ class Gate:
     insecure_admin: bool = False
     api_keys: tuple[str, ...] = ()
     relayed: tuple[str, ...] = DEFAULT_RELAYED
+    #: the key workers want (SGLang's ``--api-key``), sent on every call to one
+    worker_api_key: str | None = None
     _tenants: dict[str, str] = field(default_factory=dict)
+    _worker_authorization: bytes | None = None
 
     def __post_init__(self) -> None:
         for key in self.api_keys:
             self._tenants[key] = "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        if self.worker_api_key is not None:
+            self._worker_authorization = b"Bearer " + self.worker_api_key.encode()
 
     def check_admin(self, authorization: str | None, client: str | None) -> None:
         if self.admin_token is not None:
@@ -238,7 +298,32 @@ class Gate:
         raise Unauthorized("this router needs Authorization: Bearer <api key>")
 
     def relays(self, path: str) -> bool:
+        """Whether ``path`` goes to a worker (400 for a path with dot segments and such)."""
+        check_target(path)
         return path_matches(path, self.relayed)
+
+    def worker_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """``headers`` as a worker may see them: the router's own credentials (its admin
+        token, its API keys) taken out, and the worker's key (``worker_api_key``) put in."""
+        if self._worker_authorization is None and not self.api_keys and not self.admin_token:
+            return headers
+        kept = [
+            (name, value)
+            for name, value in headers
+            if name != b"authorization"
+            or (self._worker_authorization is None and not self._is_ours(value))
+        ]
+        if self._worker_authorization is not None:
+            kept.append((b"authorization", self._worker_authorization))
+        return kept
+
+    def _is_ours(self, authorization: bytes) -> bool:
+        """Whether ``authorization`` is for the router: with API keys set it always is (a
+        data-plane call without one is refused), else when it holds the admin token (in
+        any spelling: a worker must not see it, even sent as ``Basic``)."""
+        if self.api_keys:
+            return True
+        return self.admin_token is not None and self.admin_token.encode() in authorization
 
 
 def path_matches(path: str, patterns: Iterable[str]) -> bool:

@@ -28,6 +28,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnanswered,
 )
+from .guarded import AddressGuard, GuardedBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,11 @@ class UpstreamResponse(Protocol):
     status: int
     headers: list[tuple[bytes, bytes]]
     url: str
+
+    @property
+    def finished(self) -> bool:
+        """The body was read to its end."""
+        ...
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
@@ -104,13 +110,15 @@ def upstream_errors(url: str, *, head: bool = False) -> Iterator[None]:
 class Upstream:
     """Sends requests to workers over one shared connection pool."""
 
-    def __init__(self, limits: UpstreamLimits) -> None:
+    def __init__(self, limits: UpstreamLimits, guard: AddressGuard | None = None) -> None:
+        """``guard`` checks the address of every new connection (``guarded``)."""
         self.limits = limits
         self.pool = httpcore.AsyncConnectionPool(
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_connections,
             keepalive_expiry=limits.keepalive_expiry,
             retries=0,
+            network_backend=None if guard is None else GuardedBackend(guard),
         )
         self._timeouts = {
             "connect": limits.connect_timeout,
@@ -177,13 +185,14 @@ class Upstream:
 class HttpcoreResponse:
     """A worker's response: status, headers and the body as an async iterator of chunks."""
 
-    __slots__ = ("_chunks", "_response", "headers", "status", "url")
+    __slots__ = ("_chunks", "_response", "finished", "headers", "status", "url")
 
     def __init__(self, response: httpcore.Response, url: str) -> None:
         self._response = response
         self.url = url
         self.status = response.status
         self.headers: list[tuple[bytes, bytes]] = response.headers
+        self.finished = False
         # httpcore's body is an async generator: keep it so it can be closed explicitly
         self._chunks = cast(AsyncIterable[bytes], response.stream).__aiter__()
 
@@ -191,8 +200,12 @@ class HttpcoreResponse:
         return self
 
     async def __anext__(self) -> bytes:
-        with upstream_errors(self.url):
-            chunk = await self._chunks.__anext__()
+        try:
+            with upstream_errors(self.url):
+                chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self.finished = True
+            raise
         return chunk
 
     async def aclose(self) -> None:
