@@ -303,4 +303,6 @@ def normalize_worker_url(raw: object) -> str:
         host = f"[{host}]"
     if port is None:
         port = 443 if scheme == "https" else 80
+    if port == 0:
+        raise BadRequest(f"worker url port must be 1..65535, not 0: {text!r}")
     return f"{scheme}://{host}:{port}"
