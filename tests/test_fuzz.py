@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from trio_router.router import Router
 from trio_router.security import BROADCAST_PATHS
 
-from .conftest import start_router, start_worker
-from .test_proxy import free_port
+from .conftest import start_router, start_scripted, start_worker
+from .test_proxy import free_port, wait_until
+from .test_server import answer_to_dribble, everything_until_closed
 
 T = TypeVar("T")
 
@@ -853,3 +854,135 @@ async def test_fuzzed_raw_paths_never_reach_a_worker_in_another_form(nursery):
         assert relayed or seen.path in BROADCAST_PATHS, seen.path
     assert statuses.get(400, 0) > 50, statuses
     assert statuses.get(200, 0) > 0, statuses
+# -- slow clients and framing (docs/security.md, "Connections and framing") ----------------
+
+#: POST endpoints that read their whole body before answering, on both planes
+BODY_READERS = ["/generate", "/v1/chat/completions", "/v1/completions", "/add_worker"]
+#: where a slow client stops sending, and whether it then goes quiet or dribbles
+STALLS = st.tuples(
+    st.sampled_from(["nowhere", "nowhere", "before the head", "in the head", "in the body"]),
+    st.sampled_from(["quiet", "dribble"]),
+)
+SLOW_REQUESTS = st.tuples(
+    st.sampled_from(BODY_READERS),
+    st.one_of(GENERATE, CHAT, JSON).map(lambda v: json.dumps(v).encode()),
+    st.lists(st.integers(min_value=1, max_value=40), max_size=4),  # pieces the client sends
+    STALLS,
+    st.floats(min_value=0.0, max_value=1.0),  # where in the head or body it stalls
+)
+
+
+async def send_slowly(
+    url: str, path: str, body: bytes, pieces: list[int], stall: tuple[str, str], at: float
+) -> bytes:
+    """Send one request (``Connection: close``) the way a slow client would; the answer."""
+    where, how = stall
+    declared = len(body) + (1000 if where == "in the body" else 0)  # dribbling never ends it
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\n"
+        f"content-length: {declared}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    request = head + body
+    cut = {
+        "nowhere": len(request),
+        "before the head": 0,
+        "in the head": 1 + int((len(head) - 2) * at),
+        "in the body": len(head) + int(len(body) * at),
+    }[where]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    try:
+        sent = 0
+        for size in pieces:  # a few pieces at once, then the rest up to the stall
+            piece = request[sent : min(sent + size, cut)]
+            if piece:
+                await stream.send_all(piece)
+                sent += len(piece)
+        if sent < cut:
+            await stream.send_all(request[sent:cut])
+        if where == "nowhere" or how == "quiet" or where == "before the head":
+            return await everything_until_closed(stream)
+        return await answer_to_dribble(stream, request[cut : cut + 1], 0.1)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def test_fuzzed_slow_requests_are_answered_or_timed_out_and_closed(nursery, client, qwen3):
+    _worker, running = await fuzz_router(
+        nursery, qwen3, header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.8
+    )
+    cases = draw(SLOW_REQUESTS, n=60, seed=11)
+    answers: list[bytes] = [b""] * len(cases)
+    problems: list[str] = []
+
+    async def one(index: int) -> None:
+        path, body, pieces, stall, at = cases[index]
+        answers[index] = await send_slowly(running.url, path, body, pieces, stall, at)
+
+    with trio.fail_after(FUZZ_DEADLINE):
+        async with trio.open_nursery() as clients:  # all at once: a slow-loris crowd
+            for index in range(len(cases)):
+                clients.start_soon(one, index)
+            for _ in range(5):
+                assert (await client.get(running.url + "/health")).status_code == 200
+                await trio.sleep(0.1)
+        await wait_until(lambda: running.router.pool.statistics().total_inflight == 0)
+    for (path, body, _pieces, (where, how), _at), answer in zip(cases, answers, strict=True):
+        status = answer[9:12]
+        what = f"{path} stalled {where} ({how}), {len(body)} bytes: {answer[:120]!r}"
+        if where == "before the head":
+            ok = answer == b""  # the keep-alive timeout: closed quietly
+        elif where == "nowhere":
+            ok = answer.startswith(b"HTTP/1.1 ") and status[:1] in b"24" and status != b"408"
+        else:
+            ok = status == b"408" and answer.endswith(b"}")
+        if not ok:
+            problems.append(what)
+    assert problems == [], "\n".join(problems[:10])
+
+
+TRANSFER_ENCODINGS = st.sampled_from(
+    ["chunked", "Chunked", " chunked", "chunked, chunked", "gzip, chunked", "identity", ""]
+)
+CONTENT_LENGTHS = st.sampled_from(["0", "2", "7", "-1", "+2", "0x2", " 2", "2, 2", "2,3", ""])
+FRAMINGS = st.tuples(
+    st.one_of(st.none(), TRANSFER_ENCODINGS),
+    st.lists(CONTENT_LENGTHS, max_size=2),
+    st.sampled_from(["transfer-encoding", "Transfer-Encoding", "TRANSFER-ENCODING"]),
+    st.sampled_from([b"{}", b'{"text": "x"}', b"", b"GET /smuggled HTTP/1.1\r\nhost: r\r\n\r\n"]),
+    st.booleans(),  # the body chunk-encoded
+)
+SECOND = b"GET /health HTTP/1.1\r\nhost: router\r\nconnection: close\r\n\r\n"
+
+
+async def test_fuzzed_framing_never_passes_an_ambiguous_request_on(nursery):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,), keep_alive_timeout=1)
+    host, port = running.url.removeprefix("http://").rsplit(":", 1)
+    problems: list[str] = []
+    with trio.fail_after(FUZZ_DEADLINE):
+        await wait_until(lambda: running.router.pool.statistics().routable == 1)
+        for te, lengths, te_name, payload, chunked in draw(FRAMINGS, n=150, seed=12):
+            headers = "".join(f"content-length: {v}\r\n" for v in lengths)
+            if te is not None:
+                headers += f"{te_name}: {te}\r\n"
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload) if chunked else payload
+            request = f"POST /generate HTTP/1.1\r\nhost: r\r\n{headers}\r\n".encode() + body
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(request + SECOND)
+            answer = await everything_until_closed(stream)
+            await stream.aclose()
+            statuses = [line[9:12] for line in answer.split(b"\r\n") if line[:9] == b"HTTP/1.1 "]
+            what = f"{request!r}: {statuses}"
+            if not statuses:
+                problems.append(f"{what}: no answer")
+            elif te is not None and lengths and statuses not in ([b"400"], [b"501"]):
+                problems.append(
+                    f"{what}: both framings must be refused, then the connection closed"
+                )
+            elif any(s[:1] == b"5" and s != b"501" for s in statuses):
+                problems.append(f"{what}: a 5xx")
+    relayed = [seen for seen in upstream.seen if seen.path != "/health"]
+    assert all(seen.path == "/generate" for seen in relayed)
+    assert not any(b"smuggled" in seen.body and b"HTTP/1.1" not in seen.body for seen in relayed)
+    assert problems == [], "\n".join(problems[:10])

@@ -1,10 +1,15 @@
-"""Serving under hypercorn, tuned (``hypercorn_tuning``): keep-alive, shutdown, slow readers.
+"""Serving under hypercorn, tuned (``hypercorn_tuning``): keep-alive, shutdown, slow readers,
+slow and numerous clients (slow-loris), ``Connection: close``, malformed and ambiguous heads.
 
-Raw client sockets, so the test sees exactly when the server closes a connection.
+Raw client sockets, so the test sees exactly when the server closes a connection. A
+slow-loris client opens many connections and sends each a byte now and then so that every
+one stays open; those tests play it against a router with small limits and check that the
+router answers 408 and closes, or makes room for newcomers, while ``/health`` is answered.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -15,7 +20,7 @@ import trio
 from trio_router.server import serve
 
 from .conftest import router_config, start_router, start_scripted
-from .scripted import Script
+from .scripted import Script, ScriptedUpstream
 from .test_proxy import wait_until
 
 GET_HEALTH = b"GET /health HTTP/1.1\r\nhost: router\r\n\r\n"
@@ -62,6 +67,11 @@ async def read_answer(stream: trio.SocketStream) -> bytes:
     while len(body) < length:
         body += await stream.receive_some(65536)
     return head
+
+
+def relayed(upstream: ScriptedUpstream) -> list[str]:
+    """The paths the worker was sent, its health probes left out."""
+    return [seen.path for seen in upstream.seen if seen.path != "/health"]
 
 
 async def closed_by_server(stream: trio.SocketStream) -> bool:
@@ -170,3 +180,253 @@ async def test_a_slow_reader_gets_every_byte_of_a_large_answer_in_order(nursery)
         unchunked += body[:size]
         body = body[size + 2 :]
     assert unchunked == b"".join(pieces)
+
+
+SLOW_HEAD = b"GET /health HTTP/1.1\r\nhost: router\r\nx-padding: "
+SLOW_BODY = b"POST /generate HTTP/1.1\r\nhost: router\r\ncontent-length: 1000\r\n\r\n{"
+
+
+async def dribble(stream: trio.SocketStream, data: bytes, pause: float = 0.05) -> None:
+    """Send ``data``, then one more byte every ``pause`` seconds until the server closes."""
+    try:
+        await stream.send_all(data)
+        while True:
+            await trio.sleep(pause)
+            await stream.send_all(b"a")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def everything_until_closed(stream: trio.SocketStream) -> bytes:
+    answer = b""
+    try:
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    except trio.BrokenResourceError:  # the server reset: it closed with our bytes unread
+        pass
+    return answer
+
+
+async def answer_to_dribble(stream: trio.SocketStream, data: bytes, pause: float = 0.05) -> bytes:
+    """What the server answers a client that sends ``data`` and then a byte per ``pause``."""
+    async with trio.open_nursery() as inner:
+        inner.start_soon(dribble, stream, data, pause)
+        answer = await everything_until_closed(stream)
+        inner.cancel_scope.cancel()
+    return answer
+
+
+async def test_a_request_head_that_never_ends_gets_408_and_the_connection_closed(nursery, connect):
+    running = await start_router(nursery, header_timeout=0.3)  # the keep-alive stays 75 s
+    with trio.fail_after(10):
+        slow = await connect(running.url)
+        answer = await answer_to_dribble(slow, SLOW_HEAD)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"connection: close" in answer.lower()
+
+
+async def test_an_idle_keep_alive_connection_is_closed_quietly_not_with_a_408(nursery, connect):
+    running = await start_router(nursery, header_timeout=0.2, keep_alive_timeout=0.4)
+    with trio.fail_after(10):
+        idle = await connect(running.url)
+        await idle.send_all(GET_HEALTH)
+        assert (await read_answer(idle)).startswith(b"HTTP/1.1 200")
+        assert await everything_until_closed(idle) == b""  # only the keep-alive timed out
+
+
+async def test_a_request_body_that_never_ends_gets_408_and_the_connection_closed(nursery, connect):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,), body_timeout=0.3)
+    with trio.fail_after(10):
+        slow = await connect(running.url)
+        answer = await answer_to_dribble(slow, SLOW_BODY)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"code":408' in answer
+    assert relayed(upstream) == []  # nothing reached the worker
+    assert running.router.pool.statistics().total_inflight == 0
+
+
+async def test_a_slow_body_to_a_control_endpoint_gets_408_too(nursery, connect):
+    running = await start_router(nursery, body_timeout=0.3)
+    with trio.fail_after(10):
+        slow = await connect(running.url)
+        head = b"POST /add_worker HTTP/1.1\r\nhost: router\r\ncontent-length: 500\r\n\r\n{"
+        answer = await answer_to_dribble(slow, head)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert len(running.router.pool) == 0
+
+
+async def test_a_body_that_arrives_in_time_is_relayed_whole(nursery, client):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,), body_timeout=5)
+    body = b"[" + b"1," * 4_000_000 + b"1]"  # 8 MB
+    with trio.fail_after(20):
+        response = await client.post(running.url + "/generate", content=body)
+    assert response.status_code == 200
+    assert upstream.seen[-1].body == body
+
+
+async def test_beyond_the_connection_limit_the_connection_idle_longest_makes_room(nursery, connect):
+    running = await start_router(nursery, max_client_connections=4)
+    with trio.fail_after(10):
+        idle = [await connect(running.url) for _ in range(4)]
+        for stream in idle:  # each becomes idle after one answer, oldest first
+            await stream.send_all(GET_HEALTH)
+            await read_answer(stream)
+        newcomer = await connect(running.url)
+        await newcomer.send_all(GET_HEALTH)
+        assert (await read_answer(newcomer)).startswith(b"HTTP/1.1 200")
+        assert await closed_by_server(idle[0])
+        await idle[1].send_all(GET_HEALTH)  # the others stay usable
+        assert (await read_answer(idle[1])).startswith(b"HTTP/1.1 200")
+
+
+async def test_slow_loris_connections_at_the_limit_do_not_lock_out_health_checks(nursery, connect):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,), max_client_connections=8)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as attackers:
+            for index in range(24):  # three times the limit: heads and bodies, never ending
+                stream = await connect(running.url)
+                attackers.start_soon(dribble, stream, SLOW_BODY if index % 2 else SLOW_HEAD, 0.2)
+            for _ in range(5):
+                probe = await connect(running.url)
+                await probe.send_all(GET_HEALTH)
+                assert (await read_answer(probe)).startswith(b"HTTP/1.1 200")
+                await probe.aclose()
+            attackers.cancel_scope.cancel()
+    assert relayed(upstream) == []
+
+
+async def test_when_every_connection_is_busy_a_newcomer_is_refused(nursery, connect):
+    upstream, url = await start_scripted(nursery)
+    gate = trio.Event()
+    upstream.script = Script(chunks=[b"data: 1\n\n", gate, b"data: 2\n\n"])
+    running = await start_router(nursery, worker_urls=(url,), max_client_connections=2)
+    request = b"POST /generate HTTP/1.1\r\nhost: r\r\ncontent-length: 2\r\n\r\n{}"
+    with trio.fail_after(10):
+        busy = [await connect(running.url) for _ in range(2)]
+        for stream in busy:
+            await stream.send_all(request)
+        await wait_until(lambda: upstream.sent_chunks == 2)
+        refused = await connect(running.url)
+        assert await everything_until_closed(refused) == b""
+        gate.set()
+        for stream in busy:  # the busy ones were left alone
+            answer = b""
+            while not answer.endswith(b"0\r\n\r\n"):
+                answer += await stream.receive_some(65536)
+            assert answer.count(b"data: ") == 2
+
+
+CLOSE = b"connection: close\r\n"
+#: a request of each kind of reply, asking to close: Quart's answers and errors, the
+#: proxy's own errors (403, 503, 413) and a relayed worker answer
+ASKING_TO_CLOSE = {
+    "health": b"GET /health HTTP/1.1\r\nhost: r\r\n" + CLOSE + b"\r\n",
+    "metrics": b"GET /metrics HTTP/1.1\r\nhost: r\r\n" + CLOSE + b"\r\n",
+    "control 400": b"POST /add_worker HTTP/1.1\r\nhost: r\r\ncontent-length: 2\r\n"
+    + CLOSE
+    + b"\r\n{}",
+    "proxy 403": b"GET /not_relayed HTTP/1.1\r\nhost: r\r\n" + CLOSE + b"\r\n",
+    "proxy 413": b"POST /generate HTTP/1.1\r\nhost: r\r\ncontent-length: 999999999\r\n"
+    + CLOSE
+    + b"\r\n",
+    "relayed 200": b"POST /generate HTTP/1.1\r\nhost: r\r\ncontent-length: 2\r\n"
+    + CLOSE
+    + b"\r\n{}",
+}
+
+
+@pytest.mark.parametrize("kind", ASKING_TO_CLOSE)
+async def test_the_server_closes_the_connection_when_the_client_asks_for_it(nursery, connect, kind):
+    _, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,))  # the keep-alive timeout is 75 s
+    with trio.fail_after(10):
+        await wait_until(lambda: running.router.pool.statistics().routable == 1)
+        for _ in range(10):  # it used to depend on the order tasks ran in
+            stream = await connect(running.url)
+            await stream.send_all(ASKING_TO_CLOSE[kind])
+            answer = await everything_until_closed(stream)
+            assert answer.startswith(b"HTTP/1.1 "), answer
+            assert b"connection: close" in answer.lower()
+
+
+async def test_a_router_built_503_closes_when_asked_too(nursery, connect):
+    running = await start_router(nursery)  # no worker: the proxy answers 503 itself
+    with trio.fail_after(10):
+        for _ in range(10):
+            stream = await connect(running.url)
+            await stream.send_all(ASKING_TO_CLOSE["relayed 200"])
+            assert (await everything_until_closed(stream)).startswith(b"HTTP/1.1 503")
+
+
+MALFORMED = [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
+    b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+    b"GET /\xff HTTP/1.1\r\nhost: r\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+    b"POST /generate HTTP/1.1\r\nhost: r\r\ncontent-length: x\r\n\r\n",
+]
+
+
+async def test_malformed_requests_are_refused_with_a_few_short_log_lines(nursery, connect, caplog):
+    running = await start_router(nursery)
+    caplog.set_level(logging.DEBUG)
+    with trio.fail_after(20):
+        for _ in range(20):
+            for request in MALFORMED:
+                stream = await connect(running.url)
+                await stream.send_all(request)
+                assert (await everything_until_closed(stream)).startswith(b"HTTP/1.1 400")
+                await stream.aclose()
+        stream = await connect(running.url)  # and the server is fine
+        await stream.send_all(GET_HEALTH)
+        assert (await read_answer(stream)).startswith(b"HTTP/1.1 200")
+    records = [r for r in caplog.records if r.name.startswith(("trio_router", "hypercorn"))]
+    assert all(r.levelno <= logging.INFO and r.exc_info is None for r in records), [
+        r.getMessage()[:200] for r in records if r.levelno > logging.INFO or r.exc_info
+    ]
+    malformed = [r for r in records if "malformed" in r.getMessage()]
+    assert 1 <= len(malformed) < 10  # at most one a second, counting the rest
+    assert all("\n" not in r.getMessage() and len(r.getMessage()) < 200 for r in malformed)
+
+
+async def test_a_request_with_both_transfer_encoding_and_content_length_is_refused(
+    nursery, connect
+):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,))
+    smuggling = (
+        b"POST /generate HTTP/1.1\r\nhost: r\r\ncontent-length: 4\r\n"
+        b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        b"POST /generate HTTP/1.1\r\nhost: r\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    with trio.fail_after(10):
+        await wait_until(lambda: running.router.pool.statistics().routable == 1)
+        stream = await connect(running.url)
+        await stream.send_all(smuggling)
+        answer = await everything_until_closed(stream)
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert answer.count(b"HTTP/1.1") == 1  # closed: the request behind it was not read
+    assert b"transfer-encoding" in answer.lower()
+    assert relayed(upstream) == []
+
+
+@pytest.mark.parametrize("where", ["target", "header"])
+async def test_a_request_head_beyond_the_header_limit_is_refused_whatever_holds_it(
+    nursery, connect, where
+):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(nursery, worker_urls=(url,))  # --max-header-size 64 KiB
+    big = b"a" * 130_000
+    if where == "target":
+        request = b"GET /v1/models?q=" + big + b" HTTP/1.1\r\nhost: r\r\n\r\n"
+    else:
+        request = b"GET /v1/models HTTP/1.1\r\nhost: r\r\nx-big: " + big + b"\r\n\r\n"
+    with trio.fail_after(10):
+        await wait_until(lambda: running.router.pool.statistics().routable == 1)
+        stream = await connect(running.url)
+        answer = await answer_to_dribble(stream, request, 1.0)
+    assert answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 414")), answer[:100]
+    assert relayed(upstream) == []

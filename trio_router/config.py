@@ -90,6 +90,19 @@ class RouterConfig:
     keep_alive_timeout: float = option(
         75.0, "seconds an idle client connection is kept open (above common LB idle timeouts)"
     )
+    header_timeout: float = option(
+        10.0, "seconds a client has to send a request head once it began (408 beyond; 0 = none)"
+    )
+    body_timeout: float = option(
+        60.0,
+        "seconds a client has to send a request body after its head (408 beyond; 0 = none); "
+        "a 32 MiB body needs 4.5 Mbit/s",
+    )
+    max_client_connections: int = option(
+        0,
+        "client connections open at once; beyond it the one waiting longest on its client "
+        "is closed (0 = as many as the file limit allows, at most 10000)",
+    )
     sticky_ttl: float = option(3600.0, "seconds an idle routing key stays pinned (sticky)")
     sticky_spill_factor: float = option(
         1.5, "a worker takes new pins only below this multiple of the mean pin count (sticky)"
@@ -209,6 +222,9 @@ class RouterConfig:
             "keepalive_expiry",
             "first_byte_timeout",
             "quarantine_hold",
+            "header_timeout",
+            "body_timeout",
+            "max_client_connections",
         ):
             if getattr(self, name) < 0:
                 found.append(f"{name} must be >= 0")
@@ -251,6 +267,8 @@ class RouterConfig:
             found.append("health_check_endpoint must start with /")
         if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:
             found.append(f"prometheus_port must be 0..65535, not {self.prometheus_port}")
+        if self.prometheus_port == self.port != 0 and self.prometheus_host == self.host:
+            found.append(f"prometheus_port must differ from port ({self.port})")
         return found
 
 

@@ -84,7 +84,7 @@ def create_control_app(router: Router) -> QuartTrio:
     app = QuartTrio(__name__, root_path=here, instance_path=here)
     app.config.update(
         RESPONSE_TIMEOUT=None,  # quart's 60 s default would cut long answers
-        BODY_TIMEOUT=60,
+        BODY_TIMEOUT=router.config.body_timeout or None,  # 408 beyond (0: no limit)
         MAX_CONTENT_LENGTH=router.config.max_body_size,
     )
 

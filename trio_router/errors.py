@@ -4,7 +4,10 @@
     ├── ConfigError                  (start-up only: printed as one line, exit 2)
     ├── BadRequest                   400 invalid_request_error
     │   ├── NotFound                 404 not_found_error
-    │   └── PayloadTooLarge          413 invalid_request_error
+    │   ├── PayloadTooLarge          413 invalid_request_error
+    │   └── ConnectionSpoiled        400 (answered, then the connection is closed)
+    │       ├── RequestTimeout       408 (the request did not arrive in time)
+    │       └── AmbiguousRequest     400 (its length is ambiguous)
     ├── Unauthorized                 401 authentication_error
     ├── Forbidden                    403 permission_error
     ├── NoHealthyWorker              503 service_unavailable
@@ -56,6 +59,23 @@ class NotFound(BadRequest):
 
 class PayloadTooLarge(BadRequest):
     status = 413
+
+
+class ConnectionSpoiled(BadRequest):
+    """A bad request after which the connection cannot carry another: answered, then closed."""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"connection", b"close")]
+
+
+class RequestTimeout(ConnectionSpoiled):
+    """The client did not send its request in time."""
+
+    status = 408
+
+
+class AmbiguousRequest(ConnectionSpoiled):
+    """The request's length is ambiguous (RFC 9112 §6.1), so where the next one starts is too."""
 
 
 class Unauthorized(RouterError):

@@ -27,6 +27,7 @@ from .errors import (
     NoHealthyWorker,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     RouterError,
     UpstreamConnectError,
     UpstreamError,
@@ -105,8 +106,8 @@ def routing_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body; 413 beyond ``limit`` bytes."""
+async def read_body(scope: Scope, receive: Receive, limit: int, within: float = 0.0) -> bytes:
+    """The whole request body; 413 beyond ``limit`` bytes, 408 after ``within`` s (0: never)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
@@ -117,19 +118,20 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds {limit}")
     chunks = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    with trio.move_on_after(within if within > 0 else math.inf):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    raise RequestTimeout(f"request body not received within {within:g} s ({size} bytes came)")
 
 
 async def send_reply(send: Send, reply: Reply) -> None:
@@ -170,7 +172,9 @@ class Proxy:
         router = self.router
         started = trio.current_time()
         try:
-            body = await read_body(scope, receive, router.config.max_body_size)
+            body = await read_body(
+                scope, receive, router.config.max_body_size, router.config.body_timeout
+            )
         except ClientGone:
             return
         except RouterError as exc:

@@ -4,11 +4,16 @@
 with the real bound URL (port 0 works), so tests, the demo and the CLI all
 run the same code. Shutdown is a trigger: hypercorn stops accepting, gives
 in-flight requests ``graceful_timeout`` seconds, then the router's loops stop.
+
+At start the file-descriptor limit is raised to its hard limit and the client
+connections are bounded below it (``connections.client_connection_budget``), so
+a crowd of idle sockets cannot use up the descriptors that accepting needs.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,14 +27,25 @@ from hypercorn.trio import serve as hypercorn_serve
 from . import hypercorn_tuning
 from .app import create_app
 from .config import RouterConfig
+from .connections import client_connection_budget
+from .errors import AmbiguousRequest
 from .health import Probe
-from .proxy import Receive, Scope, Send
+from .log_throttle import Throttle
+from .proxy import Receive, Scope, Send, error_reply, send_reply
 from .router import Router, open_router
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("trio_router.server")
 
 ShutdownTrigger = Callable[[], Awaitable[None]]
+
+
+#: client connections of the Prometheus listener (scrapers are few)
+PROMETHEUS_CONNECTIONS = 16
+#: the file limit taken for "unlimited" (where the soft limit may not be raised to it)
+UNLIMITED_FILES = 1 << 20
+#: seconds between two log lines about failing accepts (each retried every 0.1 s)
+ACCEPT_FAILURE_LOG_INTERVAL = 60.0
 
 
 def hypercorn_config(
@@ -39,8 +55,12 @@ def hypercorn_config(
     graceful_timeout: float,
     max_header_size: int = 65536,
     keep_alive_timeout: float = 75.0,
+    header_timeout: float = 10.0,
+    max_connections: int = 0,
 ) -> HypercornConfig:
-    cfg = HypercornConfig()
+    cfg = hypercorn_tuning.TunedConfig(
+        header_timeout=header_timeout, max_connections=max_connections
+    )
     cfg.h11_max_incomplete_size = max_header_size
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     cfg.graceful_timeout = graceful_timeout
@@ -48,6 +68,91 @@ def hypercorn_config(
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
     return cfg
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit of open files to the hard limit; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else UNLIMITED_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+            return soft
+        return wanted
+    return soft if soft != resource.RLIM_INFINITY else UNLIMITED_FILES
+
+
+class AcceptFailures(logging.Filter):
+    """trio's accept loop logs a traceback every 0.1 s while accept fails for lack of
+    descriptors or memory: one short line per ``interval`` instead, with the count."""
+
+    def __init__(self, interval: float = ACCEPT_FAILURE_LOG_INTERVAL) -> None:
+        super().__init__()
+        self.throttle = Throttle(interval)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # not inside trio: leave the record alone
+            return True
+        held = self.throttle.passes(now)
+        if held is None:
+            return False
+        code = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = (
+            "cannot accept client connections: %s (%s); retrying every 0.1 s "
+            "(%d failed accepts since the last such line)"
+        )
+        reason = record.args[1] if isinstance(record.args, tuple) and len(record.args) > 1 else ""
+        record.args = (code, reason, held)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def throttle_accept_failures() -> None:
+    """Install ``AcceptFailures`` on trio's accept-loop logger (idempotent)."""
+    logger = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, AcceptFailures) for f in logger.filters):
+        logger.addFilter(AcceptFailures())
+
+
+def client_connection_limit(config: RouterConfig) -> int:
+    """``--max-client-connections``, or what the (raised) file limit allows."""
+    file_limit = raise_file_limit()
+    limit = client_connection_budget(
+        file_limit, config.max_connections + PROMETHEUS_CONNECTIONS, config.max_client_connections
+    )
+    if config.max_client_connections > limit:
+        log.warning(
+            "--max-client-connections %d lowered to %d: the open-file limit is %d",
+            config.max_client_connections,
+            limit,
+            file_limit,
+        )
+    log.info("open-file limit %d: up to %d client connections", file_limit, limit)
+    return limit
+
+
+class RefuseAmbiguousFraming:
+    """An ASGI wrapper: a request with both Transfer-Encoding and Content-Length gets a
+    400 and its connection is closed (RFC 9112 §6.1: a proxy must not pass it on)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {name.lower() for name, _ in scope["headers"]}
+            if b"transfer-encoding" in names and b"content-length" in names:
+                refusal = AmbiguousRequest(
+                    "a request must not carry both Transfer-Encoding and Content-Length"
+                )
+                await send_reply(send, error_reply(refusal))
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +205,8 @@ async def serve(
     """Run the router until ``shutdown_trigger`` returns (or forever)."""
     trigger = shutdown_trigger or trio.sleep_forever
     hypercorn_tuning.install()
+    throttle_accept_failures()
+    connections = client_connection_limit(config)
     async with open_router(config, probe=probe, tokenizer=tokenizer) as router:
         cfg = hypercorn_config(
             config.host,
@@ -107,17 +214,22 @@ async def serve(
             graceful_timeout=config.graceful_timeout,
             max_header_size=config.max_header_size,
             keep_alive_timeout=config.keep_alive_timeout,
+            header_timeout=config.header_timeout,
+            max_connections=connections,
         )
+        app = RefuseAmbiguousFraming(create_app(router))
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                partial(
-                    hypercorn_serve, cast(Any, create_app(router)), cfg, shutdown_trigger=trigger
-                )
+                partial(hypercorn_serve, cast(Any, app), cfg, shutdown_trigger=trigger)
             )
             prometheus_url = None
             if config.prometheus_port is not None:
                 pcfg = hypercorn_config(
-                    config.prometheus_host, config.prometheus_port, graceful_timeout=1
+                    config.prometheus_host,
+                    config.prometheus_port,
+                    graceful_timeout=1,
+                    header_timeout=config.header_timeout,
+                    max_connections=PROMETHEUS_CONNECTIONS,
                 )
                 prometheus_binds = await nursery.start(
                     partial(
