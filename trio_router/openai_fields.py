@@ -98,7 +98,7 @@ def typed(body: dict[str, Any], name: str, kind: str, where: str = "") -> Any:
 
 
 def _article(kind: str) -> str:
-    return kind if kind.startswith("list") else ("an " if kind[0] in "aeiou" else "a ") + kind
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 def _number(body: dict[str, Any], name: str, *, low: float, high: float) -> float | None:
