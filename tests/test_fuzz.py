@@ -659,7 +659,8 @@ async def test_malformed_tool_calls_in_a_session_turn_are_a_400(nursery, client,
 async def test_a_failure_of_one_of_n_samples_keeps_its_status(nursery, client, qwen3, path):
     # found by this fuzzer (an ExceptionGroup from the samples' nursery was a 500), fixed
     worker, running = await fuzz_router(nursery, qwen3)
-    body: dict[str, Any] = {"n": 3, "max_tokens": 4, "stop_token_ids": "not a list"}
+    # an extension field the router passes on unchecked and the worker refuses
+    body: dict[str, Any] = {"n": 3, "max_tokens": 4, "return_routed_experts": "yes"}
     if path == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": "hi"}]
     else:
@@ -667,7 +668,9 @@ async def test_a_failure_of_one_of_n_samples_keeps_its_status(nursery, client, q
     with trio.fail_after(10):
         refused = await client.post(running.url + path, json=body)
         worker.app.faults.fail_status = 503
-        failed = await client.post(running.url + path, json={**body, "stop_token_ids": [7]})
+        failed = await client.post(
+            running.url + path, json={**body, "return_routed_experts": False}
+        )
     assert refused.status_code == 400  # the worker's refusal
     assert failed.status_code == 502  # the worker's failure
     for response in (refused, failed):

@@ -378,3 +378,116 @@ async def test_each_of_n_samples_carries_its_own_request_id(nursery, qwen3):
     assert r.status_code == 200
     ids = sorted(choice["meta_info"]["id"] for choice in r.json()["choices"])
     assert ids == ["a", "b", "c"]
+
+
+#: (field, a wrong-typed value, what the 400 names) -- each was accepted before (issue 16)
+WRONG_CHAT_FIELDS = [
+    ("logprobs", 1, "'logprobs' must be a boolean"),
+    ("logprobs", "yes", "'logprobs' must be a boolean"),
+    ("top_logprobs", False, "'top_logprobs'"),
+    ("stream_options", "", "'stream_options' must be an object"),
+    ("stream_options", False, "'stream_options' must be an object"),
+    ("stream_options", {"include_usage": 1}, "'stream_options.include_usage' must be a boolean"),
+    ("model", 0, "'model' must be a string"),
+    ("model", [], "'model' must be a string"),
+    ("tool_choice", 5, "'tool_choice' must be a string or object"),
+    ("parallel_tool_calls", "yes", "'parallel_tool_calls' must be a boolean"),
+    ("chat_template_kwargs", [], "'chat_template_kwargs' must be an object"),
+    ("user", 5, "'user' must be a string"),
+    ("response_format", "json", "'response_format' must be an object"),
+    ("logit_bias", 5, "'logit_bias' must be an object"),
+    ("metadata", 5, "'metadata' must be an object"),
+    ("store", "yes", "'store' must be a boolean"),
+    ("top_k", "5", "'top_k' must be an integer"),
+    ("top_k", True, "'top_k' must be an integer"),
+    ("min_p", True, "'min_p' must be a number"),
+    ("repetition_penalty", "1", "'repetition_penalty' must be a number"),
+    ("min_new_tokens", True, "'min_new_tokens' must be an integer"),
+    ("ignore_eos", 1, "'ignore_eos' must be a boolean"),
+    ("stop_token_ids", [True], "'stop_token_ids' must be a list of integers"),
+    ("skip_special_tokens", "no", "'skip_special_tokens' must be a boolean"),
+    ("spaces_between_special_tokens", 1, "'spaces_between_special_tokens' must be a boolean"),
+    ("no_stop_trim", 1, "'no_stop_trim' must be a boolean"),
+    ("regex", 5, "'regex' must be a string"),
+    ("json_schema", {}, "'json_schema' must be a string"),
+    ("rid", 5, "'rid' must be a string"),
+    ("max_tokens", True, "'max_tokens' must be an integer"),
+    ("temperature", True, "'temperature' must be a number"),
+    ("seed", True, "'seed' must be an integer"),
+    ("n", 1.5, "'n' must be an integer"),
+    ("stream", "yes", "'stream' must be a boolean"),
+    ("tools", {}, "'tools' must be a list"),
+    ("tools", [{}], "'tools[0]' must be an object of type 'function'"),
+    ("tools", [{"type": "function", "function": {"name": 5}}], "'tools[0].function.name'"),
+]
+#: wrong-typed fields of the second message (an assistant's, after a user's)
+WRONG_MESSAGE_FIELDS = [
+    ("content", [{"type": "text", "text": 5}], "'messages[1].content[0].text' must be a string"),
+    ("content", [{"type": "text"}], "'messages[1].content[0].text' must be a string"),
+    ("name", 5, "'messages[1].name' must be a string"),
+    ("tool_call_id", 5, "'messages[1].tool_call_id' must be a string"),
+    ("reasoning_content", {}, "'messages[1].reasoning_content' must be a string"),
+    (
+        "tool_calls",
+        [{"function": {"name": 5, "arguments": "{}"}}],
+        "'messages[1].tool_calls[0].function.name' must be a string",
+    ),
+    (
+        "tool_calls",
+        [{"function": {"name": "f", "arguments": 5}}],
+        "'messages[1].tool_calls[0].function.arguments' must be a string or object",
+    ),
+    (
+        "tool_calls",
+        [{"id": 5, "function": {"name": "f", "arguments": "{}"}}],
+        "'messages[1].tool_calls[0].id' must be a string",
+    ),
+]
+WRONG_COMPLETION_FIELDS = [
+    ("logprobs", True, "'logprobs' must be an integer within [0, 5]"),
+    ("logprobs", "1", "'logprobs' must be an integer within [0, 5]"),
+    ("logprobs", 6, "'logprobs' must be an integer within [0, 5]"),
+    ("echo", "yes", "'echo' must be a boolean"),
+    ("suffix", 5, "'suffix' must be a string"),
+    ("best_of", True, "'best_of' must be an integer"),
+    ("prompt", [True], "'prompt' must be a non-empty string or a list of token ids"),
+]
+
+
+async def test_wrong_typed_fields_are_a_400_naming_the_field(nursery, qwen3):
+    worker, running = await openai_router(nursery, qwen3)
+    chat, completions = running.url + "/v1/chat/completions", running.url + "/v1/completions"
+    cases = [(chat, {"messages": MESSAGES, name: v}, m) for name, v, m in WRONG_CHAT_FIELDS]
+    for name, value, message in WRONG_MESSAGE_FIELDS:
+        messages = [MESSAGES[1], {"role": "assistant", "content": "4", name: value}, MESSAGES[1]]
+        cases.append((chat, {"messages": messages}, message))
+    for name, value, message in WRONG_COMPLETION_FIELDS:
+        cases.append((completions, {"prompt": "Once", name: value}, message))
+    wrong = []
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(30):
+            for url, body, message in cases:
+                r = await client.post(url, json={"max_tokens": 2, **body})
+                if r.status_code != 400 or message not in r.json()["error"]["message"]:
+                    wrong.append(f"{body}: {r.status_code} {r.text[:200]}")
+    assert wrong == []
+    assert worker.app.stats.requests.get("/generate", 0) == 0
+
+
+async def test_null_leaves_every_optional_field_unset(nursery, qwen3):
+    _worker, running = await openai_router(nursery, qwen3)
+    optional = [name for name, _, _ in WRONG_CHAT_FIELDS if name != "rid"]
+    nulls = dict.fromkeys([*optional, "max_completion_tokens", "top_p", "stop"])
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(30):
+            chat = await client.post(
+                running.url + "/v1/chat/completions",
+                json={**nulls, "messages": [{**MESSAGES[1], "name": None}], "max_tokens": 2},
+            )
+            completion = await client.post(
+                running.url + "/v1/completions",
+                json={**nulls, "logprobs": None, "echo": None, "prompt": "Once", "max_tokens": 2},
+            )
+    assert chat.status_code == 200, chat.text
+    assert completion.status_code == 200, completion.text
+    assert chat.json()["model"] == "default"

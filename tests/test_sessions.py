@@ -391,3 +391,65 @@ async def test_a_tool_turn_is_answered_by_the_worker_chat_endpoint_and_recorded(
     assert workers[0].app.stats.requests["/v1/chat/completions"] == 1
     assert info["records"][0]["completion_tokens"] == len(choice["meta_info"]["output_ids"]) > 0
     assert info["messages"][-1]["tool_calls"] == choice["message"]["tool_calls"]
+
+
+async def test_an_invalid_body_opens_no_session(nursery, client, qwen3):
+    _workers, running = await session_router(nursery, qwen3)
+    table = running.router.sessions.table
+    refused = []
+    with trio.fail_after(20):
+        for body in [
+            b"{",
+            b"5",
+            b"[]",
+            b'"x"',
+            b"null",
+            b'{"a": ' + b"[" * 200 + b"]" * 200 + b"}",
+        ]:
+            r = await client.post(running.url + "/sessions", content=body)
+            refused.append((r.status_code, len(table)))
+        empty = await client.post(running.url + "/sessions")
+        an_object = await client.post(running.url + "/sessions", json={"anything": 1})
+    assert refused == [(400, 0)] * 6  # validated first, created after
+    assert empty.status_code == an_object.status_code == 200
+    assert len(table) == 2
+
+
+async def test_wrong_typed_turn_and_sample_fields_are_a_400(nursery, client, qwen3):
+    [worker], running = await session_router(nursery, qwen3)
+    url = running.url
+    user = {"role": "user", "content": "hi"}
+    with trio.fail_after(30):
+        sid = await open_session(client, url)
+        await turn(client, url, sid, [SYSTEM, user])
+        before = await state(client, url, sid)
+        cases = [
+            (f"/sessions/{sid}/v1/chat/completions", {name: value}, message)
+            for name, value, message in [
+                ("logprobs", 1, "'logprobs' must be a boolean"),
+                ("model", False, "'model' must be a string"),
+                ("chat_template_kwargs", [], "'chat_template_kwargs' must be an object"),
+                ("chat_template_kwargs", {"tokenize": True}, "'chat_template_kwargs.tokenize'"),
+                ("n", True, "'n' must be an integer"),
+                ("tools", {}, "'tools' must be a list"),
+                ("stream", "yes", "'stream' must be a boolean"),
+            ]
+        ]
+        cases += [
+            (f"/sessions/{sid}/samples", {"max_seq_len": True}, "'max_seq_len' must be"),
+            (f"/sessions/{sid}/samples", {"max_seq_len": 1.5}, "'max_seq_len' must be"),
+            (f"/sessions/{sid}/samples", {"max_seq_len": "5"}, "'max_seq_len' must be"),
+            (f"/sessions/{sid}/samples", {"format": 5}, "'format' must be json or safetensors"),
+        ]
+        wrong = []
+        for path, fields, message in cases:
+            messages = [*before["messages"], {"role": "user", "content": "more"}]
+            r = await client.post(url + path, json={"messages": messages, **fields})
+            if r.status_code != 400 or message not in r.json()["error"]["message"]:
+                wrong.append(f"{path} {fields}: {r.status_code} {r.text[:200]}")
+        after = await state(client, url, sid)
+        null_format = await client.post(f"{url}/sessions/{sid}/samples", json={"format": None})
+    assert wrong == []
+    assert after == before
+    assert worker.app.stats.requests["/generate"] == 1
+    assert null_format.status_code == 200

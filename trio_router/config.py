@@ -129,6 +129,17 @@ class RouterConfig:
     served_model_name: str = option(
         "default", "model name of the OpenAI API (/v1/models, responses)"
     )
+    max_prompt_chars: int = option(
+        8 * MiB, "characters of a prompt rendered by the chat template (413 beyond)"
+    )
+    max_chat_messages: int = option(
+        10_000,
+        "messages of one chat request, their content parts and tool calls counted together; "
+        "also its tools (400 beyond)",
+    )
+    chat_template_timeout: float = option(
+        10.0, "seconds one chat template rendering may take, waiting for a thread included (503)"
+    )
     balance_abs_threshold: int = option(
         32, "cache_aware: in-flight difference between workers that counts as imbalanced"
     )
@@ -243,6 +254,10 @@ class RouterConfig:
             found.append("gc_threshold_k must be >= 1")
         if self.cache_gc_interval <= 0:
             found.append("cache_gc_interval must be > 0")
+        if self.max_prompt_chars < 1 or self.max_chat_messages < 1:
+            found.append("max_prompt_chars and max_chat_messages must be >= 1")
+        if self.chat_template_timeout <= 0:
+            found.append("chat_template_timeout must be > 0")
         if self.policy == "cache_aware" and self.radix_tree_max_size == 0:
             found.append("policy cache_aware needs the token cache (--radix-tree-max-size)")
         if self.session_ttl <= 0 or self.max_sessions < 1 or self.session_max_tokens < 1:

@@ -18,6 +18,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .errors import BadRequest, RouterError, error_body
+from .request_json import loads_object
 from .router import Router
 from .token_cache import scope_of
 
@@ -55,16 +56,10 @@ def json_pieces_response(pieces: Iterator[bytes]) -> Response:
 
 async def json_object() -> dict[str, Any]:
     """The request's JSON object body; empty when there is no body."""
-    raw = await request.get_data()
+    raw = await request.get_data(as_text=False)
     if not raw or not raw.strip():
         return {}
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    return data
+    return loads_object(raw if isinstance(raw, bytes) else raw.encode())
 
 
 async def worker_url_argument() -> object:

@@ -16,195 +16,26 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
 
+from .chat_template import ChatTemplate, TemplateLimits
 from .errors import BadRequest, RouterError, UpstreamError, UpstreamProtocolError
 from .hooks import Middleware, ProxyRequest, Reply
+from .openai_fields import Call, parse_call, parse_messages, parse_tools
+from .request_json import loads_object
 from .token_cache import Pending, TokenCache
 
 if TYPE_CHECKING:
     from .proxy import Fetched
     from .router import Router
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 JSON = [(b"content-type", b"application/json")]
-#: OpenAI fields the router maps itself; any other field goes to the worker as is.
-CHAT_FIELDS = frozenset(
-    {
-        "messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-        "stop", "seed", "presence_penalty", "frequency_penalty", "n", "stream",
-        "stream_options", "logprobs", "top_logprobs", "user", "tools", "tool_choice",
-        "parallel_tool_calls", "chat_template_kwargs", "response_format", "logit_bias",
-        "metadata", "store", "service_tier", "prompt", "echo", "suffix", "best_of",
-    }
-)  # fmt: skip
-#: SGLang sampling parameters accepted as top-level extension fields.
-SAMPLING_EXTRAS = frozenset(
-    {
-        "top_k", "min_p", "repetition_penalty", "min_new_tokens", "ignore_eos",
-        "stop_token_ids", "skip_special_tokens", "spaces_between_special_tokens",
-        "no_stop_trim", "regex", "json_schema",
-    }
-)  # fmt: skip
-MAX_N = 64
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
-@dataclass(slots=True)
-class Call:
-    """One validated request to generate."""
-
-    stream: bool
-    n: int
-    sampling: dict[str, Any]
-    extras: dict[str, Any]
-    logprobs: bool
-    top_logprobs: int
-    include_usage: bool
-    model: str
-    body: dict[str, Any] = field(default_factory=dict)
-
-
-def _number(body: dict[str, Any], name: str, *, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise BadRequest(f"'{name}' must be a number")
-    if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be within [{low:g}, {high:g}]")
-    return value
-
-
-def _integer(body: dict[str, Any], name: str, *, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise BadRequest(f"'{name}' must be an integer within [{low}, {high}]")
-    return value
-
-
-def parse_call(body: dict[str, Any], default_model: str, *, default_max: int | None) -> Call:
-    """Validate the shared OpenAI parameters and map them to SGLang's."""
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean")
-    n = _integer(body, "n", low=1, high=MAX_N) or 1
-    if n > 1 and stream:
-        raise BadRequest("'n' > 1 cannot be streamed; send n requests instead")
-    sampling: dict[str, Any] = {}
-    max_tokens = _integer(body, "max_completion_tokens", low=1, high=10_000_000)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", low=1, high=10_000_000)
-    if max_tokens is None:
-        max_tokens = default_max
-    if max_tokens is not None:
-        sampling["max_new_tokens"] = max_tokens
-    for name, low, high in (
-        ("temperature", 0, 2),
-        ("top_p", 0, 1),
-        ("presence_penalty", -2, 2),
-        ("frequency_penalty", -2, 2),
-    ):
-        value = _number(body, name, low=low, high=high)
-        if value is not None:
-            sampling[name] = value
-    seed = body.get("seed")
-    if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise BadRequest("'seed' must be an integer")
-        sampling["sampling_seed"] = seed
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise BadRequest("'stop' must be a string or a list of strings")
-        sampling["stop"] = stop
-    extras: dict[str, Any] = {}
-    for key, value in body.items():
-        if key in SAMPLING_EXTRAS:
-            sampling[key] = value
-        elif key not in CHAT_FIELDS:
-            extras[key] = value
-    rid = extras.get("rid")
-    if (
-        n > 1
-        and rid is not None
-        and not (
-            isinstance(rid, list)
-            and len(rid) == n
-            and all(isinstance(r, str) for r in rid)
-            and len(set(rid)) == n
-        )
-    ):
-        raise BadRequest(f"'rid' with n = {n} must be a list of {n} distinct request ids")
-    logprobs = body.get("logprobs", False)
-    top = body.get("top_logprobs") or 0
-    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
-        raise BadRequest("'top_logprobs' must be an integer within [0, 20]")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object")
-    model = body.get("model") or default_model
-    if not isinstance(model, str):
-        raise BadRequest("'model' must be a string")
-    return Call(
-        stream=stream,
-        n=n,
-        sampling=sampling,
-        extras=extras,
-        logprobs=bool(logprobs),
-        top_logprobs=top,
-        include_usage=bool(options.get("include_usage")),
-        model=model,
-        body=body,
-    )
-
-
-def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """Validated chat messages (content parts of type text are joined)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list")
-    clean = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadRequest(f"messages[{index}] must be an object")
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise BadRequest(f"messages[{index}] has no 'role'")
-        if role not in ROLES:
-            raise BadRequest(f"messages[{index}].role {role!r} is not one of {sorted(ROLES)}")
-        calls = message.get("tool_calls")
-        if calls is not None and not (
-            isinstance(calls, list)
-            and all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
-        ):
-            raise BadRequest(
-                f"messages[{index}].tool_calls must be a list of objects with a 'function' object"
-            )
-        content = message.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise BadRequest(f"messages[{index}].content: only text parts are supported")
-                parts.append(str(part.get("text", "")))
-            content = "".join(parts)
-        elif content is not None and not isinstance(content, str):
-            raise BadRequest(f"messages[{index}].content must be a string, a list or null")
-        clean.append({**message, "content": content if content is not None else ""})
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise BadRequest("'tools' must be a list")
-    return clean
 
 
 def completion_id(prefix: str) -> str:
@@ -280,6 +111,15 @@ class OpenAIFrontend(Middleware):
         self.router = router
         self.cache = cache
         self.model = model
+        config = router.config
+        self.template = ChatTemplate(
+            cache.tokenizer,
+            TemplateLimits(
+                max_prompt_chars=config.max_prompt_chars,
+                max_items=config.max_chat_messages,
+                timeout=config.chat_template_timeout,
+            ),
+        )
 
     async def on_request(self, request: ProxyRequest) -> Reply | None:
         path, method = request.path, request.method
@@ -294,13 +134,17 @@ class OpenAIFrontend(Middleware):
 
     @staticmethod
     def json_body(request: ProxyRequest) -> dict[str, Any]:
-        try:
-            body = orjson.loads(request.body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        return body
+        return loads_object(request.body)
+
+    def parse_chat(
+        self, body: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any], Call]:
+        """A chat request's messages, tools, template kwargs and call, all checked."""
+        limit = self.template.limits.max_items
+        messages = parse_messages(body, max_items=limit)
+        tools = parse_tools(body, max_items=limit)
+        kwargs = self.template.keyword_arguments(body)
+        return messages, tools, kwargs, parse_call(body, self.model, default_max=None)
 
     def models(self) -> dict[str, Any]:
         return {
@@ -313,20 +157,11 @@ class OpenAIFrontend(Middleware):
     # -- chat ---------------------------------------------------------------------
 
     async def chat(self, request: ProxyRequest, body: dict[str, Any]) -> Reply:
-        messages = parse_messages(body)
-        call = parse_call(body, self.model, default_max=None)
-        kwargs = body.get("chat_template_kwargs") or {}
-        if not isinstance(kwargs, dict):
-            raise BadRequest("'chat_template_kwargs' must be an object")
-        try:
-            rendered = self.cache.tokenizer.apply_chat_template(
-                messages, tools=body.get("tools"), add_generation_prompt=True, **kwargs
-            )
-        except Exception as exc:
-            raise BadRequest(f"cannot render the chat template: {exc}") from None
+        messages, tools, kwargs, call = self.parse_chat(body)
+        rendered = await self.template.render(messages, tools, kwargs)
         namespace = self.cache.namespace(request)
         pending = await self.cache.prepare_text(rendered, namespace)
-        if body.get("tools"):
+        if tools:
             return await self._chat_with_tools(request, body, call, pending)
         if call.stream:
             return Reply(200, self._chat_stream(request, call, pending), list(SSE_HEADERS))
@@ -471,7 +306,7 @@ class OpenAIFrontend(Middleware):
     # -- completions --------------------------------------------------------------
 
     async def completions(self, request: ProxyRequest, body: dict[str, Any]) -> Reply:
-        call = parse_call(body, self.model, default_max=16)
+        call = parse_call(body, self.model, default_max=16, completions=True)
         if body.get("echo") or body.get("suffix"):
             raise BadRequest("'echo' and 'suffix' are not supported")
         prompt = body.get("prompt")
@@ -486,8 +321,6 @@ class OpenAIFrontend(Middleware):
             pending = self.cache.prepare_ids(prompt, namespace)
         else:
             raise BadRequest("'prompt' must be a non-empty string or a list of token ids")
-        logprobs = body.get("logprobs")
-        call.logprobs = logprobs is not None and logprobs is not False
         if call.stream:
             return Reply(200, self._completion_stream(request, call, pending), list(SSE_HEADERS))
         try:

@@ -28,22 +28,21 @@ from .openai_api import (
     FINISH,
     JSON,
     SSE_HEADERS,
-    Call,
     Chunks,
     Generated,
     OpenAIFrontend,
     as_chunks,
     completion_id,
     generated_choice,
-    parse_call,
-    parse_messages,
     sse,
     usage_of,
     worker_answer,
 )
+from .openai_fields import Call, is_kind
 from .policies import Sticky
 from .radix import Trajectory
-from .sessions import Plan, Session, SessionTable, Turn, plan_turn, routed_rows
+from .request_json import loads_object
+from .sessions import Plan, Session, SessionTable, Turn, plan_turn, render_delta, routed_rows
 from .token_cache import Pending
 
 if TYPE_CHECKING:
@@ -123,6 +122,8 @@ class SessionFrontend(Middleware):
         raise NotFound(f"no such session endpoint: {method} {path}")
 
     def create(self, request: ProxyRequest) -> Reply:
+        if request.body.strip():
+            loads_object(request.body)  # its fields are ignored, but it must be an object
         session = self.table.create(
             trio.current_time(),
             namespace=self.frontend.cache.namespace(request),
@@ -160,29 +161,21 @@ class SessionFrontend(Middleware):
 
     async def turn(self, request: ProxyRequest, session: Session) -> Reply:
         body = self.frontend.json_body(request)
-        messages = parse_messages(body)
-        call = parse_call(body, self.frontend.model, default_max=None)
+        messages, tools, kwargs, call = self.frontend.parse_chat(body)
         if call.n != 1:
             raise BadRequest("a session turn generates one answer ('n' must be 1)")
-        tools = body.get("tools")
-        kwargs = body.get("chat_template_kwargs") or {}
+        template = self.frontend.template
+        template.check_size(messages)
+        render = template.renderer(tools, kwargs)
         tokenizer = self.frontend.cache.tokenizer
-
-        def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
-            try:
-                return tokenizer.apply_chat_template(
-                    msgs, tools=tools, add_generation_prompt=generation_prompt, **kwargs
-                )
-            except Exception as exc:
-                raise BadRequest(f"cannot render the chat template: {exc}") from None
-
         lock = self._locks.setdefault(session.id, trio.Lock())
         async with lock:
             eos_text = tokenizer.decode([tokenizer.eos_token_id], False)
             # the engine stopped on a special token (<|im_end|>, <|endoftext|>): the turn's
             # end marker is then already among the ids
-            plan = plan_turn(session, messages, render, eos_text, tokenizer.is_special)
-            fresh = await tokenizer.aencode(plan.delta)
+            plan = plan_turn(session, messages, tokenizer.is_special)
+            delta = await template.run(lambda: render_delta(plan, render, eos_text))
+            fresh = await tokenizer.aencode(delta)
             self.table.check_budget(len(fresh))
             prompt = Trajectory(
                 session.ids[: plan.keep_tokens],
@@ -332,11 +325,13 @@ class SessionFrontend(Middleware):
     # -- samples ------------------------------------------------------------------------
 
     def samples(self, request: ProxyRequest, session: Session) -> Reply:
-        body = self.frontend.json_body(request) if request.body.strip() else {}
+        body = loads_object(request.body) if request.body.strip() else {}
         max_len = body.get("max_seq_len")
-        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+        if max_len is not None and (not is_kind(max_len, "integer") or max_len < 1):
             raise BadRequest("'max_seq_len' must be a positive integer")
-        fmt = body.get("format", "json")
+        fmt = body.get("format")
+        if fmt is None:
+            fmt = "json"
         if fmt not in ("json", "safetensors"):
             raise BadRequest("'format' must be json or safetensors")
         if not session.turns:

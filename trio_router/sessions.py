@@ -71,12 +71,15 @@ class Session:
 
 @dataclass(slots=True)
 class Plan:
-    """What a turn will send: the stored ids to keep, then the ids of ``delta``."""
+    """What a turn will send: the stored ids to keep, then the ids of the rendered text of
+    ``new`` as it follows ``prior`` (see ``render_delta``)."""
 
     keep_turns: int
     keep_tokens: int
     prior_messages: int
-    delta: str
+    prior: list[dict[str, Any]]
+    new: list[dict[str, Any]]
+    ended_with_eos: bool
     rolled_back: bool
     generation: int
 
@@ -113,13 +116,14 @@ def common_prefix(stored: Sequence[dict[str, Any]], sent: Sequence[dict[str, Any
 def plan_turn(
     session: Session,
     messages: list[dict[str, Any]],
-    render: Render,
-    eos_text: str,
     ends_turn: Callable[[int], bool],
 ) -> Plan:
-    """Decide how the request's messages extend (or retry) the session's conversation."""
+    """Decide how the request's messages extend (or retry) the session's conversation.
+
+    Nothing is rendered here: ``render_delta`` renders the plan (on a worker thread).
+    """
     if not session.turns:
-        return Plan(0, 0, 0, render(messages, True), False, session.generation)
+        return Plan(0, 0, 0, [], list(messages), False, False, session.generation)
     stored = session.messages
     shared = common_prefix(stored, messages)
     keep_turns = len(session.turns)
@@ -134,7 +138,7 @@ def plan_turn(
         prior = stored[: last.messages_before]
         keep_tokens = last.tokens_before
     else:
-        prior = stored
+        prior = list(stored)
         keep_tokens = len(session.ids)
     new = messages[len(prior) :]
     if not new:
@@ -143,20 +147,20 @@ def plan_turn(
         raise BadRequest(
             "new messages may not include assistant turns: the session records those itself"
         )
+    rolled_back = keep_turns < len(session.turns)
     if keep_turns == 0:
-        return Plan(
-            0, 0, 0, render(messages, True), keep_turns < len(session.turns), session.generation
-        )
+        return Plan(0, 0, 0, [], list(messages), False, rolled_back, session.generation)
     ended = keep_tokens > 0 and ends_turn(session.ids[keep_tokens - 1])
-    delta = delta_text(prior, new, render, eos_text, ended_with_eos=ended)
     return Plan(
-        keep_turns,
-        keep_tokens,
-        len(prior),
-        delta,
-        keep_turns < len(session.turns),
-        session.generation,
+        keep_turns, keep_tokens, len(prior), prior, new, ended, rolled_back, session.generation
     )
+
+
+def render_delta(plan: Plan, render: Render, eos_text: str) -> str:
+    """The text whose ids follow the plan's kept ids (the whole prompt for a first turn)."""
+    if plan.keep_turns == 0:
+        return render(plan.new, True)
+    return delta_text(plan.prior, plan.new, render, eos_text, ended_with_eos=plan.ended_with_eos)
 
 
 def delta_text(

@@ -26,6 +26,7 @@ import trio
 from .errors import BadRequest, PayloadTooLarge
 from .hooks import Middleware, Outcome, ProxyRequest, Reply, ResponseHead, Tap
 from .radix import PROMPT, Match, Node, RadixTrie, Trajectory, align, plain_prefix
+from .request_json import check_depth
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ class TokenCache(Middleware):
             return None  # the worker answers malformed input itself
         if not isinstance(body, dict):
             return None
+        check_depth(body, request.body)  # the body is written again below
         text = body.get("text")
         input_ids = body.get("input_ids")
         namespace = self.namespace(request)
