@@ -79,6 +79,7 @@ def _also_dropped(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     §6.3: an intermediary removes it, or the body it relays is cut at that length)."""
     tokens: set[bytes] = set()
     for name, value in headers:
+        name = name.lower()  # httpcore keeps the worker's spelling
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
         elif name == b"transfer-encoding":
