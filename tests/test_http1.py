@@ -204,3 +204,18 @@ garbage_heads = st.sampled_from(
 def test_arbitrary_bytes_are_read_or_refused_never_anything_else(head, data, cuts):
     with contextlib.suppress(ProtocolError):
         read_all(cut(head + data, cuts))
+
+
+@pytest.mark.parametrize("stated", [0, 1, 3, 99])
+def test_both_framings_read_as_h11_reads_them_but_never_reused(stated):
+    # RFC 9112 §6.3: Transfer-Encoding wins. h11 reads the same body (its reading is the
+    # reference here) but would reuse the connection; ours does not: the answer might be
+    # a response-splitting attempt, and bytes after it are not trusted.
+    data = (
+        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n" % stated
+    )
+    status, headers, body, reusable = read_all([data])
+    assert (status, headers, body) == h11_read(data)
+    assert body == b"hello world"
+    assert not reusable

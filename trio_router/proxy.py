@@ -81,6 +81,7 @@ def _also_dropped(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     §6.3: an intermediary removes it, or the body it relays is cut at that length)."""
     tokens: set[bytes] = set()
     for name, value in headers:
+        name = name.lower()  # httpcore keeps the worker's spelling
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
         elif name == b"transfer-encoding":
@@ -413,17 +414,19 @@ async def open_exchange(
         async with AsyncExitStack() as stack:
             stack.callback(router.pool.acquire(worker).release)
             response: UpstreamResponse | None = None
+            opening = router.upstream.stream(
+                worker.url, method, request.target, headers, request.body
+            )
             try:
-                with trio.move_on_after(first_byte):
-                    response = await stack.enter_async_context(
-                        router.upstream.stream(
-                            worker.url, method, request.target, headers, request.body
+                if first_byte == math.inf:  # no cancel scope per request when it is off
+                    response = await stack.enter_async_context(opening)
+                else:
+                    with trio.move_on_after(first_byte):
+                        response = await stack.enter_async_context(opening)
+                    if response is None:
+                        raise UpstreamTimeout(
+                            f"worker {worker.url} did not begin its answer within {first_byte:g} s"
                         )
-                    )
-                if response is None:
-                    raise UpstreamTimeout(
-                        f"worker {worker.url} did not begin its answer within {first_byte:g} s"
-                    )
             except (UpstreamConnectError, UpstreamUnanswered) as exc:
                 passive_failure(router, worker.url, exc)
                 if len(tried) >= router.config.max_retries or not may_resend(router, request, exc):

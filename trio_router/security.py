@@ -240,15 +240,13 @@ def check_target(target: str) -> None:
     Checked on the raw path and on the decoded one (so double encoding is refused too):
     the router matches paths exactly and would rather refuse than guess how the other side
     normalises. An encoded slash alone (``a%2Fb``) passes: it cannot leave a prefix."""
-    path = target.split("?", 1)[0]
-    lowered = path.lower()
+    path = target.partition("?")[0]
     if (
         not path.startswith("/")
         or "//" in path
         or "\\" in path
-        or "%2e" in lowered
-        or "%5c" in lowered
-        or any(segment in (".", "..") for segment in path.split("/"))
+        or ("%" in path and ("%2e" in path.lower() or "%5c" in path.lower()))
+        or ("/." in path and any(segment in (".", "..") for segment in path.split("/")))
     ):
         raise BadRequest(
             f"request path {path[:200]!r} has dot segments, empty segments or backslashes; "
