@@ -184,14 +184,14 @@ class IdleWatch:
 
     def read_size(self) -> int:
         """How much to read: while a head is incomplete, one byte past its limit at most."""
-        if not self.idle:
+        if not self.idle or _h11(self.server) is None:  # HTTP/2 frames are not a head
             return MAX_RECV
         room: int = self.server.config.h11_max_incomplete_size + 1 - self.head_bytes
         return max(1, min(MAX_RECV, room))
 
     def received(self, size: int) -> None:
         """``size`` bytes arrived; while idle they begin a request head."""
-        if not self.idle or not size:
+        if not self.idle or not size or _h11(self.server) is None:
             return
         if not self.head_bytes:
             timeout = getattr(self.server.config, "header_timeout", 0)
