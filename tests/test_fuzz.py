@@ -636,6 +636,217 @@ async def test_fuzzed_paths_methods_and_headers(nursery, client, qwen3):
     assert skipped < len(requests) // 10
 
 
+# -- request content: template keywords, deep JSON, field types (issue 16) -------------------
+
+#: what the shipped Qwen3 template lets a request set, and to what
+TEMPLATE_KEYWORDS = {"enable_thinking", "clear_thinking"}
+TEMPLATE_TEXT = st.sampled_from(
+    [
+        "{{ 'a' * 10000000 }}",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{{ messages[0].content }}",
+        "{{ ''.__class__.__mro__ }}",
+    ]
+)
+TEMPLATE_KWARGS = st.one_of(
+    st.dictionaries(
+        st.one_of(
+            st.sampled_from(
+                [
+                    *TEMPLATE_KEYWORDS,
+                    *TEMPLATE_KEYWORDS,
+                    "chat_template",
+                    "tokenize",
+                    "eos_token",
+                    "bos_token",
+                    "add_generation_prompt",
+                    "continue_final_message",
+                    "messages",
+                    "tools",
+                    "documents",
+                    "return_dict",
+                    "raise_exception",
+                ]
+            ),
+            st.text(max_size=8),
+        ),
+        st.one_of(st.booleans(), st.none(), TEMPLATE_TEXT, JSON),
+        max_size=3,
+    ),
+    JSON,
+)
+
+
+def template_kwargs_allowed(kwargs: Any) -> bool:
+    """Whether the router must accept ``kwargs`` as ``chat_template_kwargs``."""
+    if kwargs is None:
+        return True
+    return isinstance(kwargs, dict) and all(
+        name in TEMPLATE_KEYWORDS and (value is None or isinstance(value, bool))
+        for name, value in kwargs.items()
+    )
+
+
+async def test_fuzzed_template_keywords(nursery, client, qwen3):
+    _worker, running = await fuzz_router(nursery, qwen3)
+    base = running.url
+    with trio.fail_after(FUZZ_DEADLINE):
+        sid = (await client.post(base + "/sessions")).json()["session_id"]
+    paths = ["/v1/chat/completions", f"/sessions/{sid}/v1/chat/completions"]
+    requests = draw(st.tuples(st.sampled_from(paths), TEMPLATE_KWARGS), n=150, seed=5)
+    checker = Checker(client, running.router)
+    wrong = []
+    with trio.fail_after(FUZZ_DEADLINE):
+        for path, kwargs in requests:
+            user = [{"role": "user", "content": "hi"}]
+            body = {"messages": user, "max_tokens": 2, "chat_template_kwargs": kwargs}
+            if path.startswith("/sessions"):  # the first turn again: a retry, every time
+                body["messages"] = user
+            response = await checker.send("POST", base + path, content=json.dumps(body).encode())
+            if response is not None and response.is_success != template_kwargs_allowed(kwargs):
+                wrong.append(f"{kwargs!r}: {response.status_code} {response.text[:200]}")
+            await checker.send("GET", base + "/health")
+    assert wrong == []
+    checker.check(least_successes=10)
+
+
+def nested_text(levels: int, as_object: bool) -> str:
+    """JSON text of ``levels`` objects (or arrays) one inside the other."""
+    if as_object:
+        return '{"k": ' * levels + "1" + "}" * levels
+    return "[" * levels + "1" + "]" * levels
+
+
+async def test_fuzzed_deep_json(nursery, client, qwen3):
+    _worker, running = await fuzz_router(nursery, qwen3)
+    base = running.url
+    with trio.fail_after(FUZZ_DEADLINE):
+        sid = (await client.post(base + "/sessions")).json()["session_id"]
+    user = {"role": "user", "content": "hi"}
+    shapes: list[tuple[str, dict[str, Any], bool]] = [  # (path, body, deep in a message)
+        ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 1}}, False),
+        ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}, False),
+        ("/v1/chat/completions", {"messages": [user], "max_tokens": 1}, False),
+        ("/v1/chat/completions", {"messages": [user], "max_tokens": 1}, True),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1}, False),
+        (f"/sessions/{sid}/v1/chat/completions", {"messages": [user], "max_tokens": 1}, True),
+        (f"/sessions/{sid}/samples", {}, False),
+        ("/sessions", {}, False),
+        ("/retrieve_from_text", {"text": "hi"}, False),
+        ("/add_worker", {"url": f"http://127.0.0.1:{free_port()}"}, False),
+    ]
+    requests = draw(
+        st.tuples(
+            st.sampled_from(range(len(shapes))),
+            st.one_of(st.integers(1, 140), st.integers(120, 1100)),
+            st.booleans(),
+            st.sampled_from(["x", "rid", "sampling_params", "metadata"]),
+        ),
+        n=120,
+        seed=6,
+    )
+    checker = Checker(client, running.router)
+    wrong = []
+    with trio.fail_after(FUZZ_DEADLINE):
+        for index, levels, as_object, name in requests:
+            path, body, in_message = shapes[index]
+            body = json.loads(json.dumps(body))
+            holder = body["messages"][0] if in_message else body
+            holder[name] = "<deep>"
+            depth = levels + (3 if in_message else 1)  # the body, its messages, the message
+            if path == "/add_worker" and depth <= 128:
+                continue  # a new worker would join: fuzzed with other URLs above
+            text = json.dumps(body).replace('"<deep>"', nested_text(levels, as_object))
+            content = text.encode()
+            response = await checker.send("POST", base + path, content=content)
+            if response is not None and depth > 128 and response.status_code != 400:
+                wrong.append(f"{path} depth {depth}: {response.status_code}")
+    assert wrong == []
+    checker.check(least_successes=10)
+
+
+#: (field, its JSON type) for every field the OpenAI front end types
+TYPED_FIELDS = [
+    *[(name, "integer") for name in ("max_tokens", "max_completion_tokens", "n", "seed")],
+    *[(name, "number") for name in ("temperature", "top_p", "presence_penalty")],
+    ("frequency_penalty", "number"),
+    *[(name, "boolean") for name in ("stream", "logprobs", "store", "parallel_tool_calls")],
+    ("top_logprobs", "integer"),
+    *[(name, "object") for name in ("stream_options", "response_format", "logit_bias")],
+    ("metadata", "object"),
+    ("chat_template_kwargs", "object"),
+    *[(name, "string") for name in ("model", "user", "service_tier", "rid")],
+    ("tools", "list"),
+    ("tool_choice", "string or object"),
+    *[(name, "integer") for name in ("top_k", "min_new_tokens")],
+    *[(name, "number") for name in ("min_p", "repetition_penalty")],
+    *[(name, "boolean") for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim")],
+    ("spaces_between_special_tokens", "boolean"),
+    *[(name, "string") for name in ("regex", "json_schema")],
+    ("stop_token_ids", "list of integers"),
+]
+
+
+def of_kind(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return type(value) is int
+    if kind == "number":
+        return type(value) in (int, float)
+    if kind == "list of integers":
+        return type(value) is list and all(type(v) is int for v in value)
+    if kind == "string or object":
+        return isinstance(value, str | dict)
+    return isinstance(value, {"boolean": bool, "object": dict, "string": str, "list": list}[kind])
+
+
+async def test_fuzzed_field_types(nursery, client, qwen3):
+    _worker, running = await fuzz_router(nursery, qwen3)
+    base = running.url
+    with trio.fail_after(FUZZ_DEADLINE):
+        sid = (await client.post(base + "/sessions")).json()["session_id"]
+    paths = [
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/v1/completions",
+        f"/sessions/{sid}/v1/chat/completions",
+    ]
+    requests = draw(
+        st.tuples(
+            st.sampled_from(paths),
+            st.sampled_from(TYPED_FIELDS).flatmap(
+                lambda field: st.tuples(
+                    st.just(field),
+                    JSON.filter(lambda v: v is not None and not of_kind(v, field[1])),
+                )
+            ),
+        ),
+        n=200,
+        seed=7,
+    )
+    checker = Checker(client, running.router)
+    wrong = []
+    with trio.fail_after(FUZZ_DEADLINE):
+        for path, ((name, _kind), value) in requests:
+            if path == "/v1/completions" and name in ("logprobs", "chat_template_kwargs", "tools"):
+                continue  # typed otherwise there, or not read
+            body: dict[str, Any] = {"max_tokens": 2, name: value}
+            if path == "/v1/completions":
+                body["prompt"] = "Once"
+            else:
+                body["messages"] = [{"role": "user", "content": "hi"}]
+            response = await checker.send("POST", base + path, content=json.dumps(body).encode())
+            if response is None:
+                continue
+            message = response.json().get("error", {}).get("message", "")
+            if response.status_code != 400 or f"'{name}" not in message:
+                wrong.append(f"{path} {name}={value!r}: {response.status_code} {message}")
+        # a valid turn, so both sides of the checks were reached
+        ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        await checker.send("POST", base + paths[0], content=json.dumps(ok).encode())
+    assert wrong == []
+    checker.check(least_successes=1)
+
+
 # -- known bugs (kept out of the generated inputs above) and fixed ones ---------------------
 
 

@@ -241,7 +241,10 @@ class Tokenizer:
     ) -> str:
         """Render ``messages`` (and ``tools``) with the tokenizer's chat template.
 
-        Extra ``kwargs`` reach the template (Qwen3: ``enable_thinking``, ``clear_thinking``).
+        Extra ``kwargs`` reach the template (Qwen3: ``enable_thinking``, ``clear_thinking``)
+        and transformers, which also takes options and the template itself from them: they
+        are trusted. Requests reach this only through ``chat_template.ChatTemplate``, which
+        checks theirs and renders on a worker thread (this call blocks).
         """
         rendered = self.hf.apply_chat_template(
             [dict(m) for m in messages],
