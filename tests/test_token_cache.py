@@ -246,6 +246,34 @@ async def test_a_namespace_name_longer_than_128_characters_is_refused(nursery, c
     assert running.router.token_cache.trie.roots == {}
 
 
+async def test_a_body_the_router_rewrites_is_labelled_json_whatever_the_client_sent(
+    nursery, client, qwen3
+):
+    """curl's ``-d`` sends a form content type; SGLang refuses that with a 400, so a
+    body the token cache rewrote (text -> input_ids) must say it is JSON."""
+    _worker, running = await cached_router(nursery, qwen3)
+    body = orjson.dumps({"text": PROMPT, "sampling_params": {"max_new_tokens": 4}})
+    with trio.fail_after(20):
+        for content_type in ("application/x-www-form-urlencoded", None):
+            headers = {"content-type": content_type} if content_type else {}
+            r = await client.post(running.url + "/generate", content=body, headers=headers)
+            assert r.status_code == 200, r.text
+
+
+async def test_the_simulated_worker_refuses_a_body_not_labelled_json_as_sglang_does(
+    nursery, client, qwen3
+):
+    worker = await start_worker(nursery, tokenizer=qwen3)
+    with trio.fail_after(10):
+        r = await client.post(
+            worker.url + "/generate",
+            content=b'{"text": "hi"}',
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    assert r.status_code == 400
+    assert r.json()["object"] == "error"
+
+
 async def test_a_weight_update_shows_in_versions_and_gc_drops_the_old_ones(nursery, client, qwen3):
     worker, running = await cached_router(nursery, qwen3, gc_threshold_k=1)
     cache = running.router.token_cache

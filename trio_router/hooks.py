@@ -65,6 +65,15 @@ class ProxyRequest:
         value = self.header(name)
         return value.decode("latin-1") if value is not None else None
 
+    def set_json_body(self, body: bytes) -> None:
+        """Replace the body with JSON the router wrote, labelled as such (SGLang answers
+        400 to a body without ``Content-Type: application/json``, e.g. curl's ``-d``)."""
+        self.body = body
+        self.headers = [
+            *(h for h in self.headers if h[0] != b"content-type"),
+            (b"content-type", b"application/json"),
+        ]
+
     @property
     def target(self) -> bytes:
         path = self.raw_path if self.raw_path is not None else self.path.encode("utf-8")

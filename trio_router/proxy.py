@@ -237,8 +237,13 @@ class Proxy:
                 tenant = router.gate.tenant(authorization)
                 if tenant is not None:
                     request.state["tenant"] = tenant
-                    if needs_kv_scope(request.path, request.method):
-                        request.body = kv_scoped_body(request.body, tenant)
+                    scoped = (
+                        kv_scoped_body(request.body, tenant)
+                        if needs_kv_scope(request.path, request.method)
+                        else None
+                    )
+                    if scoped is not None:
+                        request.set_json_body(scoped)
                 reply = await router.chain.on_request(request) if router.chain.active else None
                 if reply is not None:
                     await self._answer(reply, send, progress)

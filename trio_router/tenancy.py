@@ -36,15 +36,15 @@ def needs_kv_scope(path: str, method: str) -> bool:
     return method == "POST" and (path in KV_SCOPED_PATHS or path.startswith(SESSION_PREFIX))
 
 
-def kv_scoped_body(body: bytes, tenant: str) -> bytes:
+def kv_scoped_body(body: bytes, tenant: str) -> bytes | None:
     """``body`` with ``extra_key`` set to ``tenant``'s namespace (the client's own key
-    appended); a body that is not a JSON object is left for the handler to refuse."""
+    appended); None for a body that is not a JSON object (left for the handler to refuse)."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body
+        return None
     if not isinstance(document, dict):
-        return body
+        return None
     scope = tenant_kv_key(tenant)
     given = document.get("extra_key")
     if given is None:

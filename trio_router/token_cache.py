@@ -166,7 +166,7 @@ class TokenCache(Middleware):
         request.hint = pending.hint
         self.counters.requests += 1
         body["return_logprob"] = True
-        request.body = orjson.dumps(body)
+        request.set_json_body(orjson.dumps(body))
         pending.stream = bool(body.get("stream"))
         request.state[STATE_KEY] = pending
         if self.settings.abort_retries and not pending.stream and self.router is not None:
@@ -199,7 +199,7 @@ class TokenCache(Middleware):
                 sampling["max_new_tokens"] = budget - len(ids)
             body["sampling_params"] = sampling
             body["input_ids"] = pending.prompt.ids + ids
-            request.body = orjson.dumps(body)
+            request.set_json_body(orjson.dumps(body))
             fetched = await fetch(self.router, request)
             piece = _answer_of(fetched.body) if fetched.status == 200 else None
             if piece is None:

@@ -526,6 +526,9 @@ class SimWorker:
             if faultable and self.faults.fail_status is not None:
                 status = self.faults.fail_status
                 raise _HTTPError(status, "simulated failure", "sim_fault")
+            if body and not _is_json(scope["headers"]):
+                await _send_bytes(send, 400, _NOT_JSON)
+                return
             await handler(receive, send, body)
         except _HTTPError as err:
             await _send_error(send, err)
@@ -1086,6 +1089,27 @@ async def _read_body(receive: Receive) -> bytes | None:
             raise _HTTPError(413, "request body too large")
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+#: SGLang 0.5.23's answer to a body not labelled ``application/json`` (curl's ``-d``).
+_NOT_JSON: Final = orjson.dumps(
+    {
+        "object": "error",
+        "message": "1 validation error: {'type': 'dataclass_type', 'loc': ('body',), "
+        "'msg': 'Input should be a dictionary or an instance of GenerateReqInput'}",
+        "type": "Bad Request",
+        "param": None,
+        "code": 400,
+    }
+)
+
+
+def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request says its body is JSON (``application/json``, parameters allowed)."""
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return False
 
 
 def _parse_object(raw: bytes) -> dict[str, Any]:
