@@ -1068,6 +1068,8 @@ async def test_fuzzed_raw_paths_never_reach_a_worker_in_another_form(nursery):
         assert relayed or seen.path in BROADCAST_PATHS, seen.path
     assert statuses.get(400, 0) > 50, statuses
     assert statuses.get(200, 0) > 0, statuses
+
+
 # -- slow clients and framing (docs/security.md, "Connections and framing") ----------------
 
 #: POST endpoints that read their whole body before answering, on both planes
