@@ -311,10 +311,13 @@ class Checker:
 
 
 def well_formed_error(response: httpx.Response) -> bool:
+    """The router's error document, or one of SGLang 0.5.23's (relayed verbatim)."""
     try:
         document = response.json()
     except ValueError:
         return False
+    if sglang_error(document, response.status_code):
+        return True
     if not isinstance(document, dict) or set(document) != {"error"}:
         return False
     error = document["error"]
@@ -324,6 +327,21 @@ def well_formed_error(response: httpx.Response) -> bool:
         and isinstance(error["message"], str)
         and isinstance(error["type"], str)
         and error["code"] == response.status_code
+    )
+
+
+def sglang_error(document: object, status: int) -> bool:
+    """SGLang's own error shapes: FastAPI's ``{"object": "error", ...}``, a plain
+    ``{"error": "..."}`` and ``{"error": {"message": ...}}``."""
+    if not isinstance(document, dict):
+        return False
+    if document.get("object") == "error":
+        return isinstance(document.get("message"), str) and document.get("code") == status
+    error = document.get("error")
+    if set(document) != {"error"}:
+        return False
+    return isinstance(error, str) or (
+        isinstance(error, dict) and set(error) == {"message"} and isinstance(error["message"], str)
     )
 
 
