@@ -1,8 +1,8 @@
 """hypercorn's trio connection handler, made safe and lean for a proxy.
 
-``install()`` changes four things in hypercorn's ``TCPServer`` (class-level,
-idempotent); the last three only on the hypercorn series they were written
-against (0.18), the first on any:
+``install()`` changes hypercorn's ``TCPServer`` (class-level, idempotent); all
+but the first change only on the hypercorn series they were written against
+(0.18):
 
 - **One connection's failure must not stop the server.** hypercorn 0.18 lets
   an exception escape a connection's task (for example a ``KeyError`` in its
@@ -31,7 +31,7 @@ against (0.18), the first on any:
   connections at once, and the timer ends when the client closes (hypercorn
   kept a connection closed before its first request until the timeout).
 
-Connections and their limits (``TunedConfig``; a plain hypercorn ``Config`` has none):
+And the limits of a ``TunedConfig`` (a plain hypercorn ``Config`` has none):
 
 - **A request head has ``header_timeout`` seconds** from its first byte: a client
   sending one a byte at a time gets a 408 and the connection is closed (before its
@@ -39,15 +39,16 @@ Connections and their limits (``TunedConfig``; a plain hypercorn ``Config`` has 
 - **A head is at most ``h11_max_incomplete_size`` bytes, request target included.**
   h11 checks the size only while a head is incomplete, after each read; a read is
   sized so that the check sees a head that is too long before it can end (431).
-- **At most ``client_connections.limit`` connections** (``connections``): a newcomer
-  takes the place of the one that has waited on its client the longest.
+- **At most ``client_connections.limit`` connections**: a newcomer takes the place
+  of the one that has waited on its client the longest (``connections``).
 - **Closing a connection cannot be cancelled.** hypercorn closes a connection that
   must not be kept (``Connection: close``, a request body left unread) from inside
   the app's last ``send``; an app that cancels its own scope once the response is out
   (quart-trio does, and so does our proxy after an error reply) cancelled the close, so
   the connection stayed open until the keep-alive timeout.
 - **What a client can repeat is logged briefly**: a malformed request, a refused or
-  evicted connection, a connection's failure are one line each, at most one a second.
+  evicted connection, a connection's failure are one short line each, at most one a
+  second (ten for connections), counting those left out.
 """
 
 from __future__ import annotations
