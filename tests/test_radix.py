@@ -130,6 +130,22 @@ def test_two_tokenizations_of_one_text_are_both_kept():
     assert lookup(trie, b"abc") == [262, 99]  # the more recently used wins a tie
 
 
+def test_a_lone_part_of_a_character_inside_the_text_is_kept_as_the_engine_showed_it():
+    """The engine generated the first byte of "é" and then a new character: SGLang's text
+    shows U+FFFD there. The tokens stay exact, and a later turn walks through them."""
+    ids = [ord("x"), 259, ord("A"), ord("B")]
+    shown = "x\ufffdAB".encode()
+    shape = align(shown, ids, token_bytes)
+    assert shape == Alignment(4, 4, b"", ((1, 2, "\ufffd".encode()),))
+    trie = make_trie()
+    trie.insert(ids, [0.0] * 4, [PROMPT] * 4, alignment=shape)
+    assert lookup(trie, shown) == ids
+    next_turn = shown + b" more"
+    match = trie.match(next_turn)
+    assert trie.trajectory(match).ids == ids
+    assert match.matched_bytes == len(shown)
+
+
 def test_namespaces_share_one_budget_and_an_emptied_one_is_dropped():
     trie = make_trie(max_tokens=2_000)
     for i in range(500):  # 500 namespaces of 16 tokens, each with a 100-byte name

@@ -88,7 +88,8 @@ async def call_app(app: SimWorker, method: str, path: str, body: bytes = b"") ->
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await app({"type": "http", "method": method, "path": path}, receive, send)
+    headers = [(b"content-type", b"application/json")]
+    await app({"type": "http", "method": method, "path": path, "headers": headers}, receive, send)
     assert sent[0]["type"] == "http.response.start"
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
@@ -262,7 +263,9 @@ async def test_generate_validation(client: httpx.AsyncClient) -> None:
             r = await client.post("/generate", json=body)
             assert r.status_code == 400, body
             assert r.json()["error"]["type"] == "invalid_request_error"
-        r = await client.post("/generate", content=b"{nope")
+        r = await client.post(
+            "/generate", content=b"{nope", headers={"content-type": "application/json"}
+        )
         assert r.status_code == 400
         assert "invalid JSON" in r.json()["error"]["message"]
 

@@ -350,6 +350,55 @@ async def test_retokenization_traps_come_back_exact(nursery, client, qwen3, prom
         assert qwen3.encode(prompt + answer["text"]) == joint != got["tokens"]
 
 
+async def test_each_token_gets_the_version_sglang_says_generated_it(nursery, client, qwen3):
+    """SGLang 0.5.23's ``weight_versions`` ranges: an answer that spans a weight update
+    records each token's own version, not one version for all."""
+    ids = qwen3.encode(" one two three four")
+    answer = orjson.loads(scripted_answer(qwen3, ids))
+    answer["meta_info"]["weight_version"] = "v2"
+    answer["meta_info"]["weight_versions"] = [
+        {"version": "v1", "start": 0, "end": 2},
+        {"version": "v2", "start": 2, "end": len(ids)},
+    ]
+    upstream, url = await start_scripted(nursery)
+    upstream.script = Script(chunks=[orjson.dumps(answer)])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    with trio.fail_after(20):
+        text = PROMPT + (await generate(client, running.url, PROMPT))["text"]
+        got = await retrieve(client, running.url, text)
+    generated = got["weight_versions"][-len(ids) :]
+    assert generated == ["v1", "v1"] + ["v2"] * (len(ids) - 2)
+
+
+async def test_a_lone_partial_utf8_token_mid_answer_is_retrieved_exact(nursery, client, qwen3):
+    """A token holding only part of a character, followed by a token that starts a new
+    one: SGLang's text shows U+FFFD there. Retrieval must give the engine's ids, and the
+    next turn's prompt must extend the trajectory."""
+    lone = qwen3.bytes_table().index(b"\xe4")  # the first byte of a 3-byte character
+    tail = " there, and then a good many more words after it"  # beyond any short opaque run
+    ids = [*qwen3.encode(" Hi"), lone, *qwen3.encode(tail)]
+    text = qwen3.decode(ids)
+    assert "\ufffd" in text
+    assert not text.endswith("\ufffd")
+    upstream, url = await start_scripted(nursery)
+    upstream.script = Script(chunks=[scripted_answer(qwen3, ids, text)])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    with trio.fail_after(20):
+        answer = await generate(client, running.url, PROMPT)
+        got = await retrieve(client, running.url, PROMPT + answer["text"])
+        follow_up = PROMPT + answer["text"] + "<|im_end|>\n<|im_start|>user\nmore?"
+        upstream.script = Script(chunks=[scripted_answer(qwen3, qwen3.encode(" ok"))])
+        await generate(client, running.url, follow_up)
+    assert got["tokens"][-len(ids) :] == ids
+    assert got["loss_mask"][-len(ids) :] == [1] * len(ids)
+    sent = orjson.loads(upstream.seen[-1].body)["input_ids"]
+    assert sent[: len(got["tokens"])] == got["tokens"]
+
+
 # -- concurrency: pinned spans, inserts racing, GC during traffic --------------------------------
 
 

@@ -262,6 +262,9 @@ def test_corrupt_directory_is_a_config_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- simulated worker
 
 
+JSON_TYPE = (b"content-type", b"application/json")
+
+
 async def post(app: SimWorker, path: str, body: Mapping[str, Any]) -> Any:
     sent: list[Mapping[str, Any]] = []
     pending = [{"type": "http.request", "body": orjson.dumps(body), "more_body": False}]
@@ -275,7 +278,8 @@ async def post(app: SimWorker, path: str, body: Mapping[str, Any]) -> Any:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await app({"type": "http", "method": "POST", "path": path}, receive, send)
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [JSON_TYPE]}
+    await app(scope, receive, send)
     assert sent[0]["status"] == 200
     return orjson.loads(b"".join(m.get("body", b"") for m in sent[1:]))
 

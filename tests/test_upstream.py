@@ -50,7 +50,8 @@ async def open_client(kind: str = "lean", **limits: float) -> AsyncIterator[Upst
 async def fetch(
     client: UpstreamClient, url: str, method: bytes = b"GET", target: bytes = b"/x", body=b""
 ) -> tuple[UpstreamResponse, list[bytes]]:
-    async with client.stream(url, method, target, [(b"x-test", b"1")], body) as response:
+    headers = [(b"x-test", b"1"), (b"content-type", b"application/json")]
+    async with client.stream(url, method, target, headers, body) as response:
         return response, [chunk async for chunk in response]
 
 

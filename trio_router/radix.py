@@ -440,16 +440,20 @@ class RadixTrie:
             self.roots[namespace] = root
             self._namespace_of[root] = namespace
             self.root_cost += root_cost(namespace)
-        segments = [(0, shape.plain, False), (shape.opaque, n, True)]
         node: Node | None = root
         added = 0
-        for lo, hi, hidden in segments:
-            if hi > lo and node is not None:
+        tail = [(shape.opaque, n, b"hidden")] if n > shape.opaque else []
+        for lo, hi, shown in [*shape.visible_runs(), *tail]:
+            if node is None:
+                break  # another reading of these tokens is cached: keep it
+            if shown is None or shown == b"hidden":
+                hidden = shown is not None
                 node, count = self._insert_run(node, ids, logps, codes, lo, hi, hidden, worker, now)
-                added += count
-            if not hidden and shape.opaque > shape.plain and node is not None:
-                node, count = self._insert_opaque(node, ids, logps, codes, shape, worker, now)
-                added += count
+            else:
+                node, count = self._insert_opaque(
+                    node, ids, logps, codes, lo, hi, shown, worker, now
+                )
+            added += count
         if shape.opaque == n and node is not None and node is not root:
             node.plain_end = now  # ended without a hidden tail
         if added:
@@ -503,16 +507,17 @@ class RadixTrie:
         ids: Sequence[int],
         logps: Sequence[float],
         codes: Sequence[int],
-        shape: Alignment,
+        lo: int,
+        hi: int,
+        shown: bytes,
         worker: str | None,
         now: float,
     ) -> tuple[Node | None, int]:
-        lo, hi = shape.plain, shape.opaque
         child = node.child_starting_with(ids[lo])
         if child is None:
-            leaf = self._new_node(node, ids, logps, codes, lo, hi, shape.opaque_text, worker, now)
+            leaf = self._new_node(node, ids, logps, codes, lo, hi, shown, worker, now)
             return leaf, (hi - lo if leaf is not None else 0)
-        if child.opaque_key == shape.opaque_text and child.ids.tolist() == list(ids[lo:hi]):
+        if child.opaque_key == shown and child.ids.tolist() == list(ids[lo:hi]):
             child.last_access = now
             return child, 0
         return None, 0  # another reading of these tokens is cached: keep it
@@ -717,15 +722,31 @@ class RadixTrie:
 class Alignment:
     """How a trajectory's tokens line up with the text the client saw.
 
-    Tokens ``[0, plain)`` spell the visible text byte for byte; tokens
-    ``[plain, opaque)`` are shown as ``opaque_text`` (bytes that are not valid
-    UTF-8 on their own, e.g. a character cut by ``max_new_tokens``, which the
-    client sees as U+FFFD); tokens ``[opaque, n)`` are the hidden tail.
+    Tokens ``[0, plain)`` spell the visible text byte for byte, except the
+    ``inner`` runs ``(lo, hi, shown)``: tokens ``[lo, hi)`` the client saw as
+    ``shown`` (a lone part of a character that the engine followed with a new
+    character, which SGLang's text shows as U+FFFD). Tokens ``[plain, opaque)``
+    are shown as ``opaque_text`` (e.g. a character cut by ``max_new_tokens``,
+    also U+FFFD to the client); tokens ``[opaque, n)`` are the hidden tail.
     """
 
     plain: int
     opaque: int
     opaque_text: bytes
+    inner: tuple[tuple[int, int, bytes], ...] = ()
+
+    def visible_runs(self) -> list[tuple[int, int, bytes | None]]:
+        """``(lo, hi, shown)`` runs up to ``opaque``: ``shown`` None where the tokens'
+        own bytes are what the client saw."""
+        runs: list[tuple[int, int, bytes | None]] = []
+        cursor = 0
+        for lo, hi, shown in self.inner:
+            runs += [(cursor, lo, None), (lo, hi, shown)]
+            cursor = hi
+        runs.append((cursor, self.plain, None))
+        if self.opaque > self.plain:
+            runs.append((self.plain, self.opaque, self.opaque_text))
+        return [run for run in runs if run[1] > run[0]]
 
 
 MAX_OPAQUE_TOKENS = 8
@@ -746,19 +767,56 @@ def align(
     """
     pos = 0
     plain = len(ids)
-    for index, token in enumerate(ids):
-        chunk = token_bytes(token)
-        if not chunk or not visible.startswith(chunk, pos):
+    inner: list[tuple[int, int, bytes]] = []
+    index = 0
+    while index < len(ids):
+        chunk = token_bytes(ids[index])
+        if chunk and visible.startswith(chunk, pos):
+            pos += len(chunk)
+            index += 1
+            continue
+        run = _lone_partial_run(visible, pos, ids, index, token_bytes)
+        if run is None:
             plain = index
             break
-        pos += len(chunk)
+        end, shown = run
+        inner.append((index, end, shown))
+        pos += len(shown)
+        index = end
     if pos == len(visible):
-        return Alignment(plain, plain, b"")
+        return Alignment(plain, plain, b"", tuple(inner))
     rest = visible[pos:]
     for end in range(min(len(ids), plain + MAX_OPAQUE_TOKENS), plain, -1):
         raw = b"".join(map(token_bytes, ids[plain:end]))
         if raw.decode("utf-8", "replace").encode() == rest:
-            return Alignment(plain, end, rest)
+            return Alignment(plain, end, rest, tuple(inner))
+    return None
+
+
+REPLACEMENT = "\ufffd".encode()
+
+
+def _lone_partial_run(
+    visible: bytes,
+    pos: int,
+    ids: Sequence[int],
+    index: int,
+    token_bytes: Callable[[int], bytes],
+) -> tuple[int, bytes] | None:
+    """A short run of tokens from ``index`` that the client saw as ``visible[pos:...]``
+    with U+FFFD for a part of a character, followed by tokens that match again (or by
+    the end of the text): ``(end of the run, what it showed)``. None if there is none."""
+    raw = b""
+    for end in range(index + 1, min(len(ids), index + MAX_OPAQUE_TOKENS) + 1):
+        raw += token_bytes(ids[end - 1])
+        shown = raw.decode("utf-8", "replace").encode()
+        if not shown.endswith(REPLACEMENT) or not visible.startswith(shown, pos):
+            continue
+        after = pos + len(shown)
+        if end < len(ids) and after < len(visible):
+            following = token_bytes(ids[end])
+            if following and visible.startswith(following, after):
+                return end, shown
     return None
 
 

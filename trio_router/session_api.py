@@ -43,7 +43,7 @@ from .policies import Sticky
 from .radix import Trajectory
 from .request_json import loads_object
 from .sessions import Plan, Session, SessionTable, Turn, plan_turn, render_delta, routed_rows
-from .token_cache import Pending
+from .token_cache import Pending, token_versions
 
 if TYPE_CHECKING:
     from .router import Router
@@ -274,7 +274,7 @@ class SessionFrontend(Middleware):
         session.ids.extend(result.ids)
         session.logps.extend(result.logps)
         session.mask.extend([1] * len(result.ids))
-        session.versions.extend([version] * len(result.ids))
+        session.versions.extend(token_versions(result.meta, len(result.ids)))
         message = result.meta.get("message") or {"role": "assistant", "content": result.text}
         messages_before = plan.prior_messages
         session.messages = [*messages, {k: v for k, v in message.items() if v is not None}]

@@ -209,10 +209,10 @@ class TokenCache(Middleware):
                     return Reply(fetched.status, fetched.body, fetched.headers)
                 break  # keep what was generated before this failure
             answer, generated = piece
-            last_ids, piece_logps, version, _ = generated
+            last_ids, piece_logps, piece_versions, _ = generated
             ids += last_ids
             logps += piece_logps
-            versions += [version] * len(last_ids)
+            versions += piece_versions
             finish = answer.get("meta_info", {}).get("finish_reason")
             aborted = isinstance(finish, dict) and finish.get("type") == "abort"
             left = budget - len(ids) if isinstance(budget, int) else 1
@@ -350,8 +350,8 @@ class TokenCache(Middleware):
         if generated is None:
             self.counters.unrecorded += 1
             return
-        ids, logps, version, text = generated
-        self._record_output(pending, ids, logps, [version] * len(ids), text, worker)
+        ids, logps, versions, text = generated
+        self._record_output(pending, ids, logps, versions, text, worker)
 
     def _codes(self, prompt: list[str | None], generated: list[str]) -> list[int]:
         slot = self.trie.version_slot
@@ -550,7 +550,7 @@ def _served_by(match: Match) -> str | None:
 
 def _answer_of(
     raw: bytes,
-) -> tuple[dict[str, Any], tuple[list[int], list[float], str, str]] | None:
+) -> tuple[dict[str, Any], tuple[list[int], list[float], list[str], str]] | None:
     try:
         answer = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -561,8 +561,8 @@ def _answer_of(
     return answer, generated
 
 
-def _generated(item: Any) -> tuple[list[int], list[float], str, str] | None:
-    """(ids, logprobs, weight_version, text) of one /generate answer, or None."""
+def _generated(item: Any) -> tuple[list[int], list[float], list[str], str] | None:
+    """(ids, logprobs, weight version per token, text) of one /generate answer, or None."""
     if not isinstance(item, dict):
         return None
     meta = item.get("meta_info")
@@ -582,5 +582,26 @@ def _generated(item: Any) -> tuple[list[int], list[float], str, str] | None:
             return None
         ids.append(token)
         logps.append(float(logp) if isinstance(logp, int | float) else 0.0)
+    return ids, logps, token_versions(meta, len(ids)), text
+
+
+def token_versions(meta: dict[str, Any], count: int) -> list[str]:
+    """The weight version of each of ``count`` generated tokens.
+
+    SGLang 0.5.23 sends ``weight_versions``, ``[{"version", "start", "end"}]`` ranges
+    over the output tokens (end excluded), so a generation that spans a weight update
+    gets each token's own version; tokens no range covers (or an engine without the
+    field) take ``weight_version``.
+    """
     version = meta.get("weight_version")
-    return ids, logps, str(version) if version is not None else "unknown", text
+    versions = [str(version) if version is not None else "unknown"] * count
+    ranges = meta.get("weight_versions")
+    if isinstance(ranges, list):
+        for span in ranges:
+            if not isinstance(span, dict):
+                continue
+            start, end, name = span.get("start"), span.get("end"), span.get("version")
+            if isinstance(start, int) and isinstance(end, int) and name is not None:
+                low, high = max(0, start), min(count, end)
+                versions[low:high] = [str(name)] * max(0, high - low)
+    return versions

@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final
 
@@ -526,7 +526,7 @@ class SimWorker:
             if faultable and self.faults.fail_status is not None:
                 status = self.faults.fail_status
                 raise _HTTPError(status, "simulated failure", "sim_fault")
-            if body and not _is_json(scope["headers"]):
+            if body and not _is_json(scope.get("headers", ())):
                 await _send_bytes(send, 400, _NOT_JSON)
                 return
             await handler(receive, send, body)
@@ -1104,7 +1104,7 @@ _NOT_JSON: Final = orjson.dumps(
 )
 
 
-def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+def _is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """Whether the request says its body is JSON (``application/json``, parameters allowed)."""
     for name, value in headers:
         if name == b"content-type":
