@@ -10,13 +10,20 @@ from typing import Any
 import pytest
 import trio
 
-from trio_router.chat_template import ChatTemplate, TemplateLimits, template_keywords
+from trio_router.chat_template import (
+    INLINE_MAX_CHARS,
+    ChatTemplate,
+    TemplateLimits,
+    template_keywords,
+)
 from trio_router.errors import BadRequest, Overloaded
 from trio_router.tokenizer import Tokenizer
 
 from .test_openai import openai_router
 
 USER = [{"role": "user", "content": "hi"}]
+#: a conversation long enough to be rendered on a worker thread
+LONG = [{"role": "user", "content": "x" * INLINE_MAX_CHARS}]
 LOOPS = (
     "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}"
     "<|im_start|>assistant\n"
@@ -71,12 +78,12 @@ async def test_a_rendering_that_takes_too_long_is_a_503_and_keeps_its_thread(qwe
     try:
         with trio.fail_after(10):
             with pytest.raises(Overloaded) as caught:
-                await template.run(lambda: release.wait(10))
+                await template.run(lambda: release.wait(10), LONG, None)
             # the abandoned thread still holds the only slot: the next rendering waits, then
             # gives up in its own time, instead of starting a second thread
             assert template.limiter.borrowed_tokens == 1
             with pytest.raises(Overloaded):
-                await template.run(lambda: "never runs")
+                await template.run(lambda: "never runs", LONG, None)
     finally:
         release.set()
     assert caught.value.status == 503
@@ -123,14 +130,18 @@ async def test_enable_thinking_still_reaches_the_template(nursery, client, qwen3
     assert got.json()["tokens"][: len(qwen3.encode(text))] == qwen3.encode(text)
 
 
-class GatedTemplate(Tokenizer):
-    """The Qwen3 tokenizer whose template waits for the test before it renders."""
+class WatchedTemplate(Tokenizer):
+    """The Qwen3 tokenizer, noting the thread that renders; when ``gated``, its template
+    waits for the test (at most 5 s) before it renders."""
 
-    def __init__(self, qwen3: Tokenizer) -> None:
+    def __init__(self, qwen3: Tokenizer, *, gated: bool = True) -> None:
         super().__init__(qwen3.hf)
         self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
         self.rendering = threading.Event()
         self.order: list[str] = []
+        self.threads: list[str] = []
 
     def apply_chat_template(
         self,
@@ -139,6 +150,8 @@ class GatedTemplate(Tokenizer):
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> str:
+        main = threading.current_thread() is threading.main_thread()
+        self.threads.append("trio" if main else "worker")
         self.rendering.set()
         self.gate.wait(5)
         self.order.append("rendered")
@@ -147,7 +160,7 @@ class GatedTemplate(Tokenizer):
 
 @pytest.mark.parametrize("where", ["chat", "session"])
 async def test_health_is_answered_while_a_template_renders(nursery, client, qwen3, where):
-    gated = GatedTemplate(qwen3)
+    gated = WatchedTemplate(qwen3)
     _worker, running = await openai_router(nursery, gated)
     url = running.url + "/v1/chat/completions"
     if where == "session":
@@ -156,7 +169,7 @@ async def test_health_is_answered_while_a_template_renders(nursery, client, qwen
     answers: list[int] = []
 
     async def chat() -> None:
-        r = await client.post(url, json={"messages": USER, "max_tokens": 2})
+        r = await client.post(url, json={"messages": LONG, "max_tokens": 2})
         answers.append(r.status_code)
 
     try:
@@ -176,12 +189,12 @@ async def test_health_is_answered_while_a_template_renders(nursery, client, qwen
 
 
 async def test_the_timeout_answers_while_a_slow_rendering_goes_on(nursery, client, qwen3):
-    gated = GatedTemplate(qwen3)
+    gated = WatchedTemplate(qwen3)
     _worker, running = await openai_router(nursery, gated, chat_template_timeout=0.2)
     try:
         with trio.fail_after(20):
             r = await client.post(
-                running.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}
+                running.url + "/v1/chat/completions", json={"messages": LONG, "max_tokens": 2}
             )
     finally:
         gated.gate.set()
@@ -214,3 +227,32 @@ async def test_prompts_and_message_counts_are_bounded(nursery, client, qwen3):
         ok = await client.post(chat, json={"messages": USER * 4, "max_tokens": 2})
     assert ok.status_code == 200
     assert worker.app.stats.requests.get("/generate", 0) == 1
+
+
+async def test_only_tiny_conversations_render_on_the_event_loop(nursery, client, qwen3):
+    noting = WatchedTemplate(qwen3, gated=False)
+    _worker, running = await openai_router(nursery, noting)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}
+    cases = {
+        "tiny": {"messages": USER},
+        "long": {"messages": LONG},
+        "many": {"messages": USER * 5},
+        "tools": {"messages": USER, "tools": [tool]},
+        "tool calls": {"messages": [*USER, call, *USER]},
+    }
+    threads = {}
+    with trio.fail_after(20):
+        for name, body in cases.items():
+            r = await client.post(
+                running.url + "/v1/chat/completions", json={**body, "max_tokens": 2}
+            )
+            assert r.status_code in (200, 400), r.text  # the tool case may be refused by the worker
+            threads[name] = noting.threads.pop()
+    assert threads == {
+        "tiny": "trio",  # a fraction of a millisecond: cheaper than a trip through a thread
+        "long": "worker",
+        "many": "worker",
+        "tools": "worker",
+        "tool calls": "worker",
+    }

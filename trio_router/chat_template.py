@@ -9,6 +9,10 @@ bounded by ``--max-prompt-chars``. A thread cannot be stopped, so the bounds on 
 are what keep a rendering short; the timeout answers the client when they do not (or when
 every thread is busy), and the thread keeps its limiter slot until it ends.
 
+Like the tokenizer's short texts, a tiny conversation (``INLINE_MAX_MESSAGES`` plain messages,
+under ``INLINE_MAX_CHARS``, no tools) renders inline: a fraction of a millisecond, where the
+trip through a thread costs ~10 ms when the event loop is busy.
+
 Templates are compiled once (transformers caches them by their text).
 """
 
@@ -43,6 +47,10 @@ ROUTER_NAMES: Final = frozenset(
 )  # fmt: skip
 #: Accepted whether the template reads it or not (clients send it to every model).
 ALWAYS_ALLOWED: Final = frozenset({"enable_thinking"})
+INLINE_MAX_MESSAGES: Final = 4
+"""Conversations of at most this many messages (and short) render on the trio thread."""
+INLINE_MAX_CHARS: Final = 2048
+"""... when their messages' strings hold fewer characters than this."""
 #: Keyword arguments whose meaning is known: their type is checked too.
 BOOLEAN_KEYWORDS: Final = frozenset({"enable_thinking", "clear_thinking"})
 
@@ -178,8 +186,16 @@ class ChatTemplate:
 
         return render
 
-    async def run(self, job: Callable[[], T]) -> T:
-        """``job()`` (which renders) on a worker thread, within the timeout (else a 503)."""
+    async def run(
+        self,
+        job: Callable[[], T],
+        messages: Sequence[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+    ) -> T:
+        """``job()``, which renders ``messages`` (or a part of them) with ``tools``, on a
+        worker thread within the timeout (else a 503), or inline when they are tiny."""
+        if renders_inline(messages, tools):
+            return job()
         with trio.move_on_after(self.limits.timeout):
             return await trio.to_thread.run_sync(job, limiter=self.limiter, abandon_on_cancel=True)
         raise Overloaded(
@@ -196,4 +212,19 @@ class ChatTemplate:
         """The prompt of ``messages``, ending with the generation prompt."""
         self.check_size(messages)
         render = self.renderer(tools, kwargs)
-        return await self.run(lambda: render(messages, True))
+        return await self.run(lambda: render(messages, True), messages, tools)
+
+
+def renders_inline(messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None) -> bool:
+    """Whether rendering ``messages`` costs so little that a thread would cost more: a few
+    messages of short strings only (no tool calls, no other structure), and no tools."""
+    if tools or len(messages) > INLINE_MAX_MESSAGES:
+        return False
+    size = 0
+    for message in messages:
+        for value in message.values():
+            if isinstance(value, str):
+                size += len(value)
+            elif value is not None:
+                return False
+    return size < INLINE_MAX_CHARS

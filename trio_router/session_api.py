@@ -174,7 +174,9 @@ class SessionFrontend(Middleware):
             # the engine stopped on a special token (<|im_end|>, <|endoftext|>): the turn's
             # end marker is then already among the ids
             plan = plan_turn(session, messages, tokenizer.is_special)
-            delta = await template.run(lambda: render_delta(plan, render, eos_text))
+            delta = await template.run(
+                lambda: render_delta(plan, render, eos_text), messages, tools
+            )
             fresh = await tokenizer.aencode(delta)
             self.table.check_budget(len(fresh))
             prompt = Trajectory(
