@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_router.radix import PROMPT, Alignment, RadixTrie, align
+from trio_router.radix import PROMPT, Alignment, RadixTrie, align, plain_prefix
 
 # A toy vocabulary: ids 0..255 are single bytes; a few longer tokens, two halves of "é",
 # and a special token whose literal text never appears in a worker's visible text.
@@ -394,3 +394,30 @@ def test_the_key_cache_follows_splits_and_removals():
     for node in trie._all_nodes():
         assert trie.key(node) == key_of(list(node.ids))
     assert len(trie._keys) <= 2
+
+
+def reference_plain_prefix(visible: bytes, ids: list[int]) -> int:
+    """The token-by-token loop ``plain_prefix`` replaced with a binary search."""
+    pos = 0
+    for index, token in enumerate(ids):
+        chunk = token_bytes(token) if token != 999 else b""
+        if not chunk or not visible.startswith(chunk, pos):
+            return index
+        pos += len(chunk)
+    return len(ids)
+
+
+@given(
+    ids=st.lists(st.sampled_from([97, 98, 256, 257, 259, 260, 262, 263, 999]), max_size=30),
+    visible=st.binary(max_size=40),
+    take=st.integers(0, 30),
+)
+def test_the_fast_plain_prefix_agrees_with_the_token_by_token_loop(
+    ids: list[int], visible: bytes, take: int
+) -> None:
+    def bytes_of(token: int) -> bytes:
+        return b"" if token == 999 else token_bytes(token)  # 999: a token with no bytes
+
+    spelled = b"".join(map(bytes_of, ids[:take])) + visible  # often a real prefix
+    for text in (visible, spelled):
+        assert plain_prefix(text, ids, bytes_of) == reference_plain_prefix(text, ids)

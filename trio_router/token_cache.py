@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,7 +130,8 @@ class TokenCache(Middleware):
         self.tokenizer = tokenizer
         self.settings = settings
         self.router = router  # to send continuations of aborted requests
-        self.trie = RadixTrie(tokenizer.bytes_table().__getitem__, max_tokens=settings.max_tokens)
+        self._bytes_table = tokenizer.bytes_table()
+        self.trie = RadixTrie(self._bytes_table.__getitem__, max_tokens=settings.max_tokens)
         self.counters = CacheCounters()
 
     def namespace(self, request: ProxyRequest) -> str:
@@ -272,6 +273,13 @@ class TokenCache(Middleware):
             pending.hint = _served_by(match)
         return pending
 
+    def _token_bytes_for(self, ids: list[int]) -> Callable[[int], bytes]:
+        """The fastest exact ``token_bytes`` for ``ids``: a plain table lookup when every
+        id is inside the table (a negative one would index it from the end)."""
+        if ids and min(ids) >= 0 and max(ids) < len(self._bytes_table):
+            return self._bytes_table.__getitem__
+        return self.tokenizer.token_bytes
+
     def check_text_size(self, size: int) -> None:
         """413 for a text over ``--max-text-bytes`` (before any of it is tokenized)."""
         limit = self.settings.max_text_bytes
@@ -379,12 +387,12 @@ class TokenCache(Middleware):
                 self.counters.unrecorded += 1
                 return
         visible = pending.prompt_text + text.encode()
-        alignment = align(visible, all_ids, self.tokenizer.token_bytes)
+        alignment = align(visible, all_ids, self._token_bytes_for(all_ids))
         if alignment is None:
             # the tokens stop spelling the visible text before it ends (a normalised
             # character, a special token skipped mid-text): keep the aligned part
             self.counters.alignment_failures += 1
-            cut = plain_prefix(visible, all_ids, self.tokenizer.token_bytes)
+            cut = plain_prefix(visible, all_ids, self._token_bytes_for(all_ids))
             all_ids = all_ids[:cut]
         self.trie.insert(
             all_ids,
