@@ -395,6 +395,34 @@ class RadixTrie:
             result.versions.extend(slots[c] if c else None for c in codes)
         return result
 
+    def following(self, match: Match) -> list[tuple[int, bool]]:
+        """The tokens cached right after ``match`` ends, each with whether the engine
+        generated it: the next token of its node, or the first of each child."""
+        if not match.path:
+            return []
+        node, count = match.path[-1]
+        if count < len(node.ids):
+            return [(node.ids[count], node.payload(count + 1)[1][count] != PROMPT)]
+        return [(child.ids[0], child.payload(1)[1][0] != PROMPT) for child in node.iter_children()]
+
+    def shortened(self, match: Match, tokens: int) -> Match:
+        """``match`` cut to its first ``tokens`` tokens."""
+        path: list[tuple[Node, int]] = []
+        size = 0
+        for node, count in match.path:
+            take = min(count, tokens)
+            if take <= 0:
+                break
+            path.append((node, take))
+            key = self.key(node)
+            size += (
+                len(key)
+                if take == len(node.ids) and node.opaque
+                else sum(len(self.token_bytes(t)) for t in node.ids[:take])
+            )
+            tokens -= take
+        return Match(path, size)
+
     # -- pins ---------------------------------------------------------------------
 
     def pin(self, match: Match) -> Node | None:

@@ -117,6 +117,24 @@ def chunks(text: str, size: int = CHUNK_CHARS, guard: Sequence[str] = ()) -> lis
     return pieces
 
 
+def is_cut(text: str, pos: int, guard: Sequence[str] = ()) -> bool:
+    """Whether ``text`` may be cut at ``pos`` (see the module doc): a letter or digit
+    before, a character after that starts a new piece, no ``guard`` string spanning."""
+    if not 0 < pos < len(text):
+        return False
+    return word_end(text[pos - 1]) and piece_start(text[pos]) and not _inside_any(text, pos, guard)
+
+
+def word_end(char: str) -> bool:
+    """A letter or digit: a run of them ends where a ``piece_start`` follows."""
+    return char.isalnum()
+
+
+def piece_start(char: str) -> bool:
+    """Not a letter, digit or mark, and unchanged by NFC (so nothing composes across)."""
+    return _safe_start(char)
+
+
 def _next_cut(text: str, position: int, guard: Sequence[str]) -> int | None:
     """The first safe cut at or after ``position`` (see the module doc), or None."""
     while True:

@@ -17,6 +17,7 @@ import logging
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from .errors import BadRequest, PayloadTooLarge
 from .hooks import Middleware, Outcome, ProxyRequest, Reply, ResponseHead, Tap
 from .radix import PROMPT, Match, Node, RadixTrie, Trajectory, align, plain_prefix
 from .request_json import check_depth
+from .text_split import is_cut, piece_start, word_end
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -257,6 +259,7 @@ class TokenCache(Middleware):
         prompt_text = text.encode()
         self.check_text_size(len(prompt_text))
         match = self.trie.match(prompt_text, namespace, trio.current_time(), with_hidden_tail=False)
+        match = self.canonical_match(match, text, prompt_text)
         pinned = self.trie.pin(match)
         try:
             prompt = self.trie.trajectory(match)
@@ -272,6 +275,62 @@ class TokenCache(Middleware):
         if match.matched_bytes >= self.settings.cache_threshold * len(prompt_text):
             pending.hint = _served_by(match)
         return pending
+
+    def canonical_match(self, match: Match, text: str, key: bytes) -> Match:
+        """``match`` cut back to where reusing cached ids cannot change how ``text`` is
+        tokenized: after a token the engine generated, at the end of an earlier prompt
+        (the engine generated what followed it), next to an added token, or at a cut
+        ``text_split`` proves safe for both the new text and the cached one. Fresh text
+        is then tokenized exactly as the tokenizer would (docs/token-cache.md)."""
+        if not match.path:
+            return match
+        cached = self.trie.trajectory(match)
+        ids, mask = cached.ids, cached.mask
+        ends = list(accumulate(len(self.tokenizer.token_bytes(i)) for i in ids))
+        for count in range(len(ids), 0, -1):
+            following = (
+                [(ids[count], mask[count] == 1)] if count < len(ids) else self.trie.following(match)
+            )
+            if self._may_end_reuse(
+                ids[count - 1], mask[count - 1], following, text, key, ends[count - 1]
+            ):
+                return match if count == len(ids) else self.trie.shortened(match, count)
+        return Match([], 0)
+
+    def _may_end_reuse(
+        self,
+        last: int,
+        last_generated: int,
+        following: list[tuple[int, bool]],
+        text: str,
+        key: bytes,
+        offset: int,
+    ) -> bool:
+        """Whether reused ids may end after ``last``, ``offset`` bytes into ``key``."""
+        tokenizer = self.tokenizer
+        if last_generated or any(generated for _, generated in following):
+            return True  # the engine's own ids, or an earlier prompt's end
+        if last in tokenizer.added_ids:
+            return True  # added tokens are split off before anything else
+        try:
+            pos = len(key[:offset].decode())
+        except UnicodeDecodeError:
+            return False  # inside a character
+        guard = tokenizer.added_texts
+        if pos < len(text):
+            if any(text.startswith(t, pos) for t in guard) and all(
+                token in tokenizer.added_ids for token, _ in following
+            ):
+                return True  # an added token starts here in both texts
+            if not is_cut(text, pos, guard):
+                return False
+        elif not word_end(text[-1]):
+            return False
+        for token, _ in following:  # the cached text must have had a cut here too
+            head = tokenizer.token_bytes(token).decode("utf-8", "ignore")[:1]
+            if not head or not piece_start(head):
+                return False
+        return True
 
     def _token_bytes_for(self, ids: list[int]) -> Callable[[int], bytes]:
         """The fastest exact ``token_bytes`` for ``ids``: a plain table lookup when every
@@ -421,6 +480,8 @@ class TokenCache(Middleware):
         self.check_text_size(len(key))
         self.counters.retrievals += 1
         match = self.trie.match(key, namespace, trio.current_time())
+        if match.matched_bytes < len(key):  # a whole match is exactly what was cached
+            match = self.canonical_match(match, text, key)
         pinned = self.trie.pin(match)
         try:
             trajectory = self.trie.trajectory(match)

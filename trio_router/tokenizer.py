@@ -101,6 +101,9 @@ class Tokenizer:
         self._added: dict[int, str] = {i: t.content for i, t in added.items()}
         self._special: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
         self._added_texts = tuple(self._added.values())
+        #: added tokens: split off before pre-tokenizing, so always a token boundary
+        self.added_ids: frozenset[int] = frozenset(self._added)
+        self.added_texts: tuple[str, ...] = self._added_texts
         self._bytes: list[bytes] | None = None
         self._splittable: bool | None = None
 
