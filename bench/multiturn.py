@@ -476,6 +476,38 @@ def verify(
     )
 
 
+#: Ordinary first questions, sent one after another, whose texts share prefixes that end
+#: inside words ("The weather" / "Therefore"): a cache that reused any cached prefix would
+#: let an unrelated earlier prompt decide how a new one is split (issue 11).
+FRESH_QUESTIONS = [
+    "The weather is nice today, isn't it?", "Therefore, what is 15% of 80?",
+    "Zebra crossing wor", "Zebra crossing world peace", "What is 2+2?", "Whatever happened?",
+    "Where is Paris?", "Wherever you go, go.", "How do I sort a list in Python?",
+    "However it ends, tell me.", "Is 17 prime?", "Island nations: name three.",
+    "Can you help me?", "Cannot open file: why?", "The the the", "Theorem: state it.",
+    "数据是什么？", "数据库是什么？", "Explain recursion.", "Explanations are hard.",
+    "Define entropy", "Definitely not", "print(1)", "printf in C", "Thanks!", "Thanksgiving?",
+    "Zebra", "Zebras run",
+]  # fmt: skip
+
+
+async def fresh_prompts_canonical(
+    client: httpx.AsyncClient, stack: Stack, tok: Tokenizer
+) -> tuple[int, int]:
+    """Send each fresh question (chat template, one after another) and count those whose
+    ids reached the worker exactly as the tokenizer splits the prompt."""
+    expected = {}
+    for i, question in enumerate(FRESH_QUESTIONS):
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}])
+        rid = f"fresh-{i}"
+        body = {"text": prompt, "rid": rid, "sampling_params": {"max_new_tokens": 4}}
+        response = await client.post("/generate", json=body)
+        response.raise_for_status()
+        expected[rid] = tok.encode(prompt)
+    prompts = await fetch_prompts(stack)
+    return sum(prompts.get(rid) == ids for rid, ids in expected.items()), len(expected)
+
+
 async def worker_prefix_reuse(stack: Stack) -> float:
     """Share of prompt tokens the workers' (simulated) prefix caches already held."""
     prompt = cached = 0
@@ -1007,6 +1039,7 @@ async def run(args: argparse.Namespace, children: Children) -> int:
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT, limits=limits) as client:
         await warm_up(client, args.concurrency)
+        fresh_ok, fresh_all = await fresh_prompts_canonical(client, stack, tok)
         rounds = await run_rounds(client, convs, script, args, log)
         children.check_alive()
         finished = [c for c in convs if c.done]
@@ -1027,6 +1060,11 @@ async def run(args: argparse.Namespace, children: Children) -> int:
     ]
     text, figures = report(rounds, checks, convs, tok, args)
     figures["multiturn_worker_prefix_reuse"] = reuse
+    figures["canonical_prompt_rate"] = fresh_ok / fresh_all
+    text += (
+        f"\n  fresh questions sent in turn: {fresh_ok}/{fresh_all} reached the worker "
+        "tokenized exactly as the tokenizer splits them"
+    )
     text += (
         f"\n  workers' simulated KV prefix cache: {100 * reuse:.1f} % of prompt tokens were "
         f"already cached on the worker that got them (policy {args.policy})"
