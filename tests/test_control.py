@@ -171,3 +171,26 @@ async def test_worker_paths_are_relayed_and_unknown_ones_refused(nursery, client
     assert "/no/such/path" not in worker.app.stats.requests
     assert allowed.status_code == 404  # relayed: the worker's own 404
     assert worker.app.stats.requests["/extra/thing"] == 1
+
+
+async def test_an_engine_deregisters_as_slime_and_miles_do_with_the_gateway(nursery, client):
+    """With ``sglang_router >= 0.3.0`` installed, slime and miles remove an engine on
+    shutdown by ``GET /workers`` -> ``worker["id"]`` -> ``DELETE /workers/{id}``."""
+    mine, other = await start_worker(nursery), await start_worker(nursery)
+    running = await start_router(nursery, worker_urls=(other.url,))
+    base = running.url
+    with trio.fail_after(10):
+        added = (await client.post(base + "/workers", json={"url": mine.url})).json()
+        assert added["location"] == "/workers/" + added["worker_id"]
+        listed = (await client.get(base + "/workers")).json()["workers"]
+        [entry] = [w for w in listed if w["url"] == mine.url]
+        assert {"id", "is_healthy", "load", "worker_type"} <= set(entry)
+        assert entry["id"] == added["worker_id"]
+        one = await client.get(base + "/workers/" + entry["id"])
+        assert one.json()["url"] == mine.url
+        removed = await client.delete(base + "/workers/" + entry["id"])
+        missing = await client.get(base + "/workers/" + entry["id"])
+    assert removed.status_code == 202
+    assert removed.json()["status"] == "accepted"
+    assert running.router.pool.urls() == [other.url]
+    assert missing.status_code == 404

@@ -17,12 +17,25 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .errors import BadRequest, RouterError, error_body
+from .errors import BadRequest, NotFound, RouterError, error_body
+from .pool import Worker, WorkerState, worker_id
 from .request_json import loads_object
 from .router import Router
 from .token_cache import scope_of
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def worker_view(worker: Worker) -> dict[str, Any]:
+    """A worker as ``/workers`` shows it: ours, and the fields the SGLang Model Gateway
+    names (slime and miles deregister engines by ``id``)."""
+    return {
+        **worker.snapshot(),
+        "id": worker_id(worker.url),
+        "is_healthy": worker.state is WorkerState.HEALTHY and not worker.draining,
+        "load": worker.inflight,
+        "worker_type": "regular",
+    }
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -147,12 +160,19 @@ def create_control_app(router: Router) -> QuartTrio:
         stats = router.pool.statistics()
         return json_response(
             {
-                "workers": [w.snapshot() for w in router.pool],
+                "workers": [worker_view(w) for w in router.pool],
                 "total": stats.total,
                 "healthy": stats.healthy,
                 "policy": router.policy.name,
             }
         )
+
+    @app.get("/workers/<path:key>")
+    async def get_worker(key: str) -> Response:
+        worker = router.pool.by_id(key) or router.pool.get(key)
+        if worker is None:
+            raise NotFound(f"no worker {key!r}")
+        return json_response(worker_view(worker))
 
     @app.post("/workers")
     async def post_workers() -> Response:
@@ -160,7 +180,16 @@ def create_control_app(router: Router) -> QuartTrio:
         if "url" not in body:
             raise BadRequest('JSON body {"url": ...} is required')
         worker, added = await router.add_worker(body["url"])
-        return json_response({"status": "success", "added": added, "worker": worker.snapshot()})
+        identity = worker_id(worker.url)
+        return json_response(
+            {
+                "status": "success",
+                "added": added,
+                "worker_id": identity,
+                "location": f"/workers/{identity}",
+                "worker": worker_view(worker),
+            }
+        )
 
     @app.delete("/workers")
     async def delete_workers() -> Response:
@@ -169,12 +198,15 @@ def create_control_app(router: Router) -> QuartTrio:
             {"status": "success", "removed": worker.url, "draining": worker.draining}
         )
 
-    @app.delete("/workers/<path:url>")
-    async def delete_worker_by_path(url: str) -> Response:
-        worker = router.remove_worker(url)
-        return json_response(
-            {"status": "success", "removed": worker.url, "draining": worker.draining}
-        )
+    @app.delete("/workers/<path:key>")
+    async def delete_worker_by_path(key: str) -> Response:
+        """By id (the gateway's way: 202, as SGLang Model Gateway answers) or by URL (200)."""
+        by_id = router.pool.by_id(key)
+        worker = router.remove_worker(by_id.url if by_id is not None else key)
+        document = {"status": "success", "removed": worker.url, "draining": worker.draining}
+        if by_id is None:
+            return json_response(document)
+        return json_response({**document, "status": "accepted", "worker_id": key}, 202)
 
     @app.get("/health")
     async def health() -> Response:

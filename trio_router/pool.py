@@ -32,6 +32,7 @@ and leaves the pool when its last lease is released.
 
 from __future__ import annotations
 
+import hashlib
 import enum
 import ipaddress
 import re
@@ -184,6 +185,13 @@ class WorkerPool:
     def get(self, url: str) -> Worker | None:
         return self._workers.get(url)
 
+    def by_id(self, wanted: str) -> Worker | None:
+        """The registered worker whose ``worker_id`` is ``wanted``."""
+        for worker in self._workers.values():
+            if worker_id(worker.url) == wanted:
+                return worker
+        return None
+
     def __iter__(self) -> Iterator[Worker]:
         return iter(self._workers.values())
 
@@ -308,6 +316,12 @@ class WorkerPool:
             total_inflight=sum(w.inflight for w in workers),
             loads={w.url: w.inflight for w in workers},
         )
+
+
+def worker_id(url: str) -> str:
+    """A worker's id, as the SGLang Model Gateway's API names workers: derived from its
+    URL, so every router (and every restart) gives a worker the same id."""
+    return "w-" + hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def normalize_worker_url(raw: object) -> str:
