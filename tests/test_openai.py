@@ -491,3 +491,51 @@ async def test_null_leaves_every_optional_field_unset(nursery, qwen3):
     assert chat.status_code == 200, chat.text
     assert completion.status_code == 200, completion.text
     assert chat.json()["model"] == "default"
+
+
+async def test_null_extension_fields_never_reach_the_worker(nursery, qwen3):
+    """The official client sends ``null`` for extension fields left unset; SGLang rejects
+    or misreads nulls, so they mean unset."""
+    upstream, url = await start_scripted(nursery)
+    answer = {
+        "text": " four",
+        "output_ids": [3040],
+        "meta_info": {
+            "finish_reason": {"type": "stop"},
+            "output_token_logprobs": [[-0.5, 3040, None]],
+        },
+    }
+    upstream.script = Script(chunks=[orjson.dumps(answer)])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        await client.chat.completions.create(
+            model="default",
+            messages=MESSAGES,
+            extra_body={"top_k": None, "stop_token_ids": None, "lora_path": None, "rid": None},
+        )
+        await client.close()
+    sent = orjson.loads(upstream.seen[-1].body)
+    assert not {"top_k", "stop_token_ids", "lora_path", "rid"} & set(sent)
+    assert not {"top_k", "stop_token_ids"} & set(sent["sampling_params"])
+
+
+async def test_usage_counts_the_answer_when_the_worker_sends_no_logprobs(nursery, qwen3):
+    upstream, url = await start_scripted(nursery)
+    answer = {
+        "text": " four five",
+        "output_ids": [3040, 4330],
+        "meta_info": {"finish_reason": {"type": "length"}, "completion_tokens": 2},
+    }
+    upstream.script = Script(chunks=[orjson.dumps(answer)])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        completion = await client.chat.completions.create(model="default", messages=MESSAGES)
+        await client.close()
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 2

@@ -548,7 +548,9 @@ def usage_counts(prompt: int, completion: int) -> dict[str, int]:
 
 
 def usage_of(result: Generated) -> dict[str, int]:
-    return usage_counts(result.prompt_tokens, len(result.ids))
+    counted = result.meta.get("completion_tokens")
+    completion = len(result.ids) or (counted if isinstance(counted, int) else 0)
+    return usage_counts(result.prompt_tokens, completion)
 
 
 def worker_answer(fetched: Fetched) -> Any:
@@ -600,6 +602,14 @@ def generated_choice(answer: Any, prompt_tokens: int, worker: str | None) -> Gen
     return result
 
 
+def _output_ids(answer: dict[str, Any]) -> list[int]:
+    """``output_ids`` of a worker answer, when it is a list of token ids."""
+    ids = answer.get("output_ids")
+    if isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return ids
+    return []
+
+
 def _generated(answer: Any, prompt_tokens: int, worker: str | None) -> Generated:
     if not isinstance(answer, dict):
         raise UpstreamProtocolError("worker answer is not a JSON object")
@@ -612,6 +622,9 @@ def _generated(answer: Any, prompt_tokens: int, worker: str | None) -> Generated
         logps = [float(p[0]) for p in pairs]
     except (TypeError, ValueError, IndexError, KeyError):
         raise UpstreamProtocolError("worker sent malformed output_token_logprobs") from None
+    if not ids:  # no logprobs came: the ids are still the answer's own
+        ids = _output_ids(answer)
+        logps = [0.0] * len(ids)
     finish = meta.get("finish_reason")
     kind = finish.get("type", "stop") if isinstance(finish, dict) else "stop"
     return Generated(

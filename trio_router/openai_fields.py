@@ -176,8 +176,8 @@ def parse_call(
         if key in SAMPLING_EXTRAS:
             if typed(body, key, SAMPLING_EXTRAS[key]) is not None:
                 sampling[key] = value
-        elif key not in CHAT_FIELDS:
-            extras[key] = value
+        elif key not in CHAT_FIELDS and value is not None:
+            extras[key] = value  # a null extension field means unset: SGLang misreads nulls
     _check_rid(extras.get("rid"), n)
     top = _integer(body, "top_logprobs", low=0, high=20) or 0
     options = typed(body, "stream_options", "object") or {}

@@ -32,8 +32,8 @@ and leaves the pool when its last lease is released.
 
 from __future__ import annotations
 
-import hashlib
 import enum
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterator
