@@ -8,8 +8,10 @@ is split.
 
 from __future__ import annotations
 
+import unicodedata
+
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from trio_router.token_cache import CacheSettings, Pending, TokenCache
@@ -20,6 +22,9 @@ FRAGMENTS = [
     "Zebra", " crossing", " wor", "ld", " world", " peace", "数据", "中文", "，", "。", "😀",
     "def f(x):\n", "    return x", "\n", "\n\n", " ", "  ", "it's", "123", "4", "e\u0301",
     "<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<think>", "ab", "abc",
+    # other template families, as plain text to this tokenizer
+    "<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>", "[INST] ", " [/INST]",
+    "<start_of_turn>user\n", "<end_of_turn>\n", "### Instruction:\n", "USER: ", "ASSISTANT:",
 ]  # fmt: skip
 texts = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=12).map("".join)
 #: what the engine may generate here: anything but special tokens, which SGLang's text
@@ -80,6 +85,9 @@ def test_a_conversation_reuses_the_engines_ids_and_splits_only_fresh_text(
         so_far = ""
         so_far_ids: list[int] = []
         for fresh, answer_pieces in turns:
+            # text NFC changes is not recorded at all (its ids spell other bytes): a known
+            # limit, see docs/token-cache.md; nothing to reuse then
+            assume(unicodedata.is_normalized("NFC", so_far + fresh))
             pending = await cache.prepare_text(so_far + fresh, "")
             sent = pending.prompt.ids
             assert sent[: len(so_far_ids)] == so_far_ids
