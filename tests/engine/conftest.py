@@ -226,9 +226,10 @@ def sglang(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         engine.stop()
 
 
-def serving(engine: Engine, model: str) -> Engine:
-    """``engine``, restarted first unless it is up, serves ``model`` and is unchanged."""
-    if engine.model != model or engine.changed or not engine.running:
+def serving(engine: Engine, model: str, *, pristine: bool = True) -> Engine:
+    """``engine``, restarted first unless it is up, serves ``model`` and (``pristine``)
+    no test changed it."""
+    if engine.model != model or (pristine and engine.changed) or not engine.running:
         if engine.external:
             pytest.skip(f"needs the {model} engine, and TRIO_ROUTER_SGLANG_PORT's is not")
         try:
@@ -255,7 +256,7 @@ def killable_engine(sglang: Engine) -> Engine:
     """The engine, for a test that kills it (and restarts it, or the next fixture does)."""
     if sglang.external:
         pytest.skip("kills the engine, and TRIO_ROUTER_SGLANG_PORT's is not ours")
-    return serving(sglang, sglang.model)
+    return serving(sglang, sglang.model, pristine=False)
 
 
 @pytest.fixture
@@ -263,7 +264,7 @@ def disposable_engine(sglang: Engine) -> Engine:
     """The engine, for a test that changes it (weights, version): restarted after."""
     if sglang.external:
         pytest.skip("changes the engine, and TRIO_ROUTER_SGLANG_PORT's is not ours")
-    serving(sglang, sglang.model)
+    serving(sglang, sglang.model, pristine=False)
     sglang.changed = True
     return sglang
 
@@ -279,10 +280,12 @@ async def start_engine_router(
 ) -> RunningRouter:
     """A router in this process, on a real socket, in front of ``engines``.
 
-    Token cache on; probes only at start (a SGLang probe is a real generation, which
-    would share batches with the requests under test) unless a test asks for more.
+    Token cache on. It probes ``/model_info``, at start only: SGLang's ``/health`` runs a
+    generation and takes a second or more, which would slow every router start and share
+    batches with the requests under test (the health test probes ``/health`` itself).
     """
     settings: dict[str, Any] = {
+        "health_check_endpoint": "/model_info",
         "health_check_interval": 600.0,
         "health_check_timeout": 20.0,
         "radix_tree_max_size": 1_000_000,

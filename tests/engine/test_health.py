@@ -34,6 +34,7 @@ async def test_a_killed_engine_is_quarantined_and_readmitted_once_restarted(
         nursery,
         qwen3,
         engine,
+        health_check_endpoint="/health",  # the default, and SGLang's: a 1-token generation
         health_check_interval=1.0,
         health_check_timeout=10.0,
         health_check_failure_threshold=2,

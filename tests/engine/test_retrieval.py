@@ -145,7 +145,7 @@ async def test_an_aborted_answer_is_continued_and_stitched_exactly(nursery, clie
         nursery, qwen3, engine, abort_retries=2, abort_retry_backoff=0.2
     )
     rid = f"abort-me-{uuid.uuid4().hex}"
-    sampling = {"max_new_tokens": 64, "ignore_eos": True, **GREEDY}
+    sampling = {"max_new_tokens": 40, "ignore_eos": True, **GREEDY}
     result: dict[str, Any] = {}
 
     async def long_generation() -> None:
@@ -153,8 +153,8 @@ async def test_an_aborted_answer_is_continued_and_stitched_exactly(nursery, clie
         result.update(await generate(client, router.url, body))
 
     with trio.fail_after(180):
-        async with slowed_down(client, engine, 0.05), trio.open_nursery() as inner:
-            inner.start_soon(long_generation)  # 64 steps: over 3 s, slowed down
+        async with slowed_down(client, engine, 0.08), trio.open_nursery() as inner:
+            inner.start_soon(long_generation)  # 40 steps: over 3 s, slowed down
             await trio.sleep(1.0)
             aborted = await post(client, router.url, "/abort_request", {"rid": rid})
         got = await retrieve(client, router.url, PROMPT + result["text"])
@@ -163,12 +163,12 @@ async def test_an_aborted_answer_is_continued_and_stitched_exactly(nursery, clie
     meta = result["meta_info"]
     assert meta["continued_aborts"] == 1
     assert meta["finish_reason"]["type"] == "length"
-    assert len(result["output_ids"]) == meta["completion_tokens"] == 64
+    assert len(result["output_ids"]) == meta["completion_tokens"] == 40
     prompt_ids = qwen3.encode(PROMPT)
     assert got["tokens"] == prompt_ids + result["output_ids"]
-    assert got["loss_mask"] == [0] * len(prompt_ids) + [1] * 64
+    assert got["loss_mask"] == [0] * len(prompt_ids) + [1] * 40
     assert got["rollout_logp"][len(prompt_ids) :] == pytest.approx(output_logps(result), abs=1e-6)
-    assert got["weight_versions"] == [None] * len(prompt_ids) + ["v0"] * 64
+    assert got["weight_versions"] == [None] * len(prompt_ids) + ["v0"] * 40
     # greedy: the stitched pieces say what the engine says in one go
     assert result["output_ids"] == whole["output_ids"]
 
