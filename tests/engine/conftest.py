@@ -74,6 +74,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = others + sorted(ours, key=phase)  # a stable sort: file order otherwise
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Skipped lane tests report the directory as their place: one summary line for all."""
+    report = yield
+    if not ENABLED and report.skipped and HERE in item.path.parents:
+        report.longrepr = (str(HERE), None, SKIP_REASON)
+    return report
+
+
 class EngineUnavailable(Exception):
     """SGLang could not be installed or started: the whole lane cannot run."""
 
