@@ -17,6 +17,7 @@ VENV=$SGLANG_HOME/venv
 STUBS=$VENV/trio-router-stubs   # torchvision stand-in and sgl_kernel's Python layer
 LOG=$SGLANG_HOME/setup.log
 SGLANG_KERNEL=sglang-kernel==0.4.10   # its Python files only (cpu_sgl_kernel.py)
+RECIPE=1   # bump when setup.sh installs differently: cached venvs are rebuilt
 EXIT_USAGE=2
 EXIT_NO_ENGINE=3
 EXIT_NO_MODEL=4
@@ -36,7 +37,8 @@ sha() { sha256sum "$@" | sha256sum | cut -c1-16; }
 
 # The install's key: whatever changes it makes the cached venv stale.
 venv_key() {
-  (cd "$HERE" && sha constraints.txt common.sh setup.sh cpu_sgl_kernel.py stubs/torchvision/__init__.py)
+  echo "recipe $RECIPE, $SGLANG_KERNEL"
+  (cd "$HERE" && sha constraints.txt cpu_sgl_kernel.py stubs/torchvision/__init__.py)
   "$SGLANG_PYTHON" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null || echo none
 }
 

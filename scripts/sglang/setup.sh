@@ -4,10 +4,11 @@
 #   usage: scripts/sglang/setup.sh [--model default|partial-utf8]...   (default: both models)
 #
 # Everything goes to $TRIO_ROUTER_SGLANG_HOME (default ~/.cache/trio-router/sglang), outside
-# the repository. The venv is reused while its stamp matches the hash of constraints.txt, of
-# these scripts and of the interpreter's version; a model, while its stamp matches the venv's
-# and make_model.py's and the tokenizer's. A half-built venv or model has no stamp and is
-# rebuilt. Exit codes: see common.sh (3: SGLang cannot be installed, 4: no model).
+# the repository. The venv is reused while its stamp matches the hash of constraints.txt (and
+# of the stand-ins, the interpreter's version and common.sh's RECIPE); a model, while its
+# stamp matches the venv's and make_model.py's and the tokenizer's. A half-built venv or model
+# has no stamp and is rebuilt. Exit codes: see common.sh (3: SGLang cannot be installed, 4: no
+# model).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -69,6 +70,8 @@ build_model() {
   dir=$(model_dir "$variant")
   key=$(model_key "$variant")
   is_current "$dir/.stamp" "$key" && return 0
+  [ -f "$dir/.stamp" ] && echo "rebuilding the $variant model: built for" \
+    "[$(tr '\n' ' ' <"$dir/.stamp")], now [$(echo $key)]" >>"$LOG"
   [ "$variant" = partial-utf8 ] && flags=(--partial-utf8)
   rm -rf "$dir"
   PYTHONPATH="$STUBS" "$VENV/bin/python" "$HERE/make_model.py" --out "$dir" \
