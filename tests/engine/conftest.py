@@ -46,7 +46,7 @@ EXTERNAL_PORT = os.environ.get("TRIO_ROUTER_SGLANG_PORT")
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "sglang"
 SKIP_REASON = "real-SGLang lane: run it with `make test-sglang`"
 SETUP_LIMIT = 25 * 60  # seconds for a first install (a few minutes on this machine)
-READY_LIMIT = 300  # seconds for an engine to answer /health (~35 s alone, more when busy)
+READY_LIMIT = 300  # seconds for an engine to answer /health (~40 s idle, ~100 s busy)
 TEST_LIMIT = 300  # seconds per test function (fixtures excluded: they bound themselves)
 SETUP_EXITS = {3: "SGLang cannot be installed here", 4: "the test model cannot be built"}
 
