@@ -6,7 +6,6 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 import trio
 
 from trio_router.security import DEFAULT_RELAYED
@@ -33,11 +32,6 @@ async def test_flush_cache_reaches_the_engine(nursery, client, qwen3, engine):
     assert result["body"].startswith("Cache flushed.")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 §2: /get_weight_version and /get_load are relayed by default, "
-    "and SGLang 0.5.23 has neither (404)",
-)
 async def test_every_path_relayed_by_default_exists_on_the_engine(client, engine):
     missing = []
     with trio.fail_after(60):
@@ -71,11 +65,6 @@ async def test_a_new_weight_version_reaches_the_trajectories(
     assert versions == ["v0"] * len(before["output_ids"]) + ["v1"] * len(after["output_ids"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 §2: SGLang's per-token meta_info.weight_versions are ignored; every "
-    "token of a generation that spans a weight update gets the last version",
-)
 async def test_a_generation_spanning_a_weight_update_keeps_each_token_version(
     nursery, client, qwen3, disposable_engine
 ):

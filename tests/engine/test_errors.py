@@ -24,11 +24,6 @@ async def events_of(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -
     return [line[6:] if line == "data: [DONE]" else orjson.loads(line[6:]) for line in lines]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 §2: a body the token cache rewrote keeps the client's form content "
-    "type (curl -d), and SGLang answers 400 to anything but application/json",
-)
 async def test_a_form_typed_body_rewritten_by_the_cache_reaches_the_engine_as_json(
     nursery, client, qwen3, engine
 ):

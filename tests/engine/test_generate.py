@@ -128,12 +128,6 @@ async def test_a_stream_is_relayed_event_for_event(nursery, client, qwen3, engin
     assert comparable(via_plain[-2]) == comparable(via_cache[-2]) == comparable(direct[-2])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the engine lane (not in issue 10): a cached prefix of prompt text is "
-    "reused up to a token boundary the new text does not have ('.' + '\\n\\n' for '.\\n\\n'), "
-    "so the engine gets a tokenization it would not make of that text itself",
-)
 async def test_a_prompt_sharing_only_prompt_text_with_a_cached_one_is_tokenized_as_the_engine_does(
     nursery, client, qwen3, engine
 ):

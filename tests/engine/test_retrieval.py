@@ -173,11 +173,6 @@ async def test_an_aborted_answer_is_continued_and_stitched_exactly(nursery, clie
     assert result["output_ids"] == whole["output_ids"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 §2: a lone partial UTF-8 token shows as U+FFFD in SGLang's text, and "
-    "the router re-tokenizes that U+FFFD, so retrieval is wrong from there on",
-)
 async def test_an_answer_with_a_lone_piece_of_a_character_comes_back_exact(
     nursery, client, qwen3, partial_utf8_engine
 ):
