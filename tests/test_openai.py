@@ -539,3 +539,37 @@ async def test_usage_counts_the_answer_when_the_worker_sends_no_logprobs(nursery
         await client.close()
     assert completion.usage is not None
     assert completion.usage.completion_tokens == 2
+
+
+async def test_completions_logprobs_n_gives_the_n_best_alternatives(nursery, qwen3):
+    """The legacy API's ``logprobs: N``: SGLang answers each token's N best alternatives
+    as ``{token text: logprob}``; the router asks the worker for them and passes them on."""
+    upstream, url = await start_scripted(nursery)
+    four, five, other = (qwen3.encode(w)[0] for w in (" four", " five", " for"))
+    answer = {
+        "text": " four five",
+        "output_ids": [four, five],
+        "meta_info": {
+            "finish_reason": {"type": "length"},
+            "output_token_logprobs": [[-0.5, four, None], [-0.7, five, None]],
+            "output_top_logprobs": [
+                [[-0.5, four, None], [-1.5, other, None]],
+                [[-0.7, five, None], [-2.0, other, None]],
+            ],
+        },
+    }
+    upstream.script = Script(chunks=[orjson.dumps(answer)])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    with trio.fail_after(30):
+        completion = await client.completions.create(
+            model="default", prompt="Two and two make", max_tokens=2, logprobs=2
+        )
+        await client.close()
+    sent = orjson.loads(upstream.seen[-1].body)
+    assert sent["top_logprobs_num"] == 2
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.top_logprobs == [{" four": -0.5, " for": -1.5}, {" five": -0.7, " for": -2.0}]

@@ -331,7 +331,7 @@ class OpenAIFrontend(Middleware):
             {
                 "index": i,
                 "text": r.text,
-                "logprobs": self._completion_logprobs(r) if call.logprobs else None,
+                "logprobs": self._completion_logprobs(call, r) if call.logprobs else None,
                 "finish_reason": FINISH.get(r.finish, r.finish),
                 "meta_info": r.meta,
             }
@@ -348,17 +348,32 @@ class OpenAIFrontend(Middleware):
         }
         return Reply(200, orjson.dumps(answer), list(JSON))
 
-    def _completion_logprobs(self, result: Generated) -> dict[str, Any]:
+    def _completion_logprobs(self, call: Call, result: Generated) -> dict[str, Any]:
         tokenizer = self.cache.tokenizer
-        tokens = [tokenizer.token_bytes(t).decode("utf-8", "replace") for t in result.ids]
+
+        def text_of(token: int) -> str:
+            return tokenizer.token_bytes(token).decode("utf-8", "replace")
+
+        tokens = [text_of(t) for t in result.ids]
         offsets, at = [], 0
         for token in tokens:
             offsets.append(at)
             at += len(token)
+        top: list[dict[str, float]] | None = None
+        if call.top_logprobs:  # {token text: logprob} of the best alternatives, per token
+            tops = result.meta.get("output_top_logprobs") or []
+            top = [
+                {
+                    text_of(int(entry[1])): entry[0]
+                    for entry in (tops[i] if i < len(tops) and isinstance(tops[i], list) else [])
+                    if isinstance(entry, list) and len(entry) >= 2
+                }
+                for i in range(len(result.ids))
+            ]
         return {
             "tokens": tokens,
             "token_logprobs": result.logps,
-            "top_logprobs": None,
+            "top_logprobs": top,
             "text_offset": offsets,
         }
 
