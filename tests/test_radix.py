@@ -269,7 +269,7 @@ def test_a_character_cut_by_max_tokens_is_kept_as_an_opaque_run():
     ids = [*ids_of(b"ok "), 259]  # the first byte of "é", then generation stopped
     shown = "ok \ufffd".encode()  # what the client sees
     shape = align(shown, ids, token_bytes)
-    assert shape == Alignment(3, 4, "\ufffd".encode())
+    assert shape == Alignment(4, 4, b"", ((3, 4, "\ufffd".encode()),))
     trie = make_trie()
     slot = trie.version_slot("v0")
     trie.insert(ids, [0.0, 0, 0, -2.0], [0, 0, 0, slot], alignment=shape)

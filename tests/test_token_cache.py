@@ -548,3 +548,21 @@ async def test_cache_figures_are_in_json_and_prometheus_metrics(nursery, client,
     assert f"trio_router_cache_tokens {float(cache['cur_cache_size'])}" in text
     assert "trio_router_cache_recorded_total 2.0" in text
     assert "trio_router_cache_hits_total 1.0" in text
+
+
+async def test_a_run_of_lone_partial_tokens_at_the_end_comes_back_exact(nursery, client, qwen3):
+    """Real SGLang's answer on the partial-UTF-8 test model: nine tokens that are each a
+    part of a character, at the end of the answer (shown as nine U+FFFD)."""
+    ids = [144051, 144051, 30779, 144051, 150844, 144051, 150844, 15927, *[100988] * 8]
+    text = "뭔뭔  \n  \n뭔ꪱ뭔ꪱ" + "\ufffd" * 9
+    assert qwen3.decode(ids) == text
+    upstream, url = await start_scripted(nursery)
+    upstream.script = Script(chunks=[scripted_answer(qwen3, ids, text)])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    with trio.fail_after(20):
+        answer = await generate(client, running.url, PROMPT)
+        got = await retrieve(client, running.url, PROMPT + answer["text"])
+    assert got["tokens"] == qwen3.encode(PROMPT) + ids
+    assert got["loss_mask"][-len(ids) :] == [1] * len(ids)

@@ -866,20 +866,23 @@ def _lone_partial_run(
     index: int,
     token_bytes: Callable[[int], bytes],
 ) -> tuple[int, bytes] | None:
-    """A short run of tokens from ``index`` that the client saw as ``visible[pos:...]``
-    with U+FFFD for a part of a character, followed by tokens that match again (or by
-    the end of the text): ``(end of the run, what it showed)``. None if there is none."""
+    """The shortest run of tokens from ``index`` that the client saw as
+    ``visible[pos:...]`` with U+FFFD for a part of a character that the next token
+    does not complete: ``(end of the run, what it showed)``, or None.
+
+    The next token must not start with a continuation byte, so the run shows the same
+    alone as in the answer (SGLang shows a lone part of a character, then the next
+    character; a random model emits runs of them, at the end of an answer too).
+    """
     raw = b""
     for end in range(index + 1, min(len(ids), index + MAX_OPAQUE_TOKENS) + 1):
         raw += token_bytes(ids[end - 1])
         shown = raw.decode("utf-8", "replace").encode()
         if not shown.endswith(REPLACEMENT) or not visible.startswith(shown, pos):
             continue
-        after = pos + len(shown)
-        if end < len(ids) and after < len(visible):
-            following = token_bytes(ids[end])
-            if following and visible.startswith(following, after):
-                return end, shown
+        following = token_bytes(ids[end]) if end < len(ids) else b""
+        if not following or not 0x80 <= following[0] <= 0xBF:
+            return end, shown
     return None
 
 

@@ -135,11 +135,6 @@ async def test_completions_answer_as_the_engine_streamed_or_not(apis, client, qw
     assert_recorded(got, qwen3.encode(text), answer.meta_info)  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 §2 (found by the engine lane): /v1/completions answers logprobs=N "
-    "with top_logprobs null; SGLang gives the N best alternatives of each token",
-)
 async def test_completion_logprobs_name_the_top_alternatives_as_the_engine_does(apis):
     request = {**GREEDY, "prompt": "Once upon a time", "logprobs": 2}
     with trio.fail_after(90):
