@@ -140,6 +140,17 @@ def client_connection_limit(config: RouterConfig) -> int:
     return limit
 
 
+def _framed_twice(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Both Transfer-Encoding and Content-Length (h11 gives names in lower case)."""
+    chunked = sized = False
+    for name, _ in headers:
+        if name == b"transfer-encoding":
+            chunked = True
+        elif name == b"content-length":
+            sized = True
+    return chunked and sized
+
+
 class RefuseAmbiguousFraming:
     """An ASGI wrapper: a request with both Transfer-Encoding and Content-Length gets a
     400 and its connection is closed (RFC 9112 §6.1: a proxy must not pass it on)."""
@@ -148,14 +159,12 @@ class RefuseAmbiguousFraming:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            names = {name.lower() for name, _ in scope["headers"]}
-            if b"transfer-encoding" in names and b"content-length" in names:
-                refusal = AmbiguousRequest(
-                    "a request must not carry both Transfer-Encoding and Content-Length"
-                )
-                await send_reply(send, error_reply(refusal))
-                return
+        if scope["type"] == "http" and _framed_twice(scope["headers"]):
+            refusal = AmbiguousRequest(
+                "a request must not carry both Transfer-Encoding and Content-Length"
+            )
+            await send_reply(send, error_reply(refusal))
+            return
         await self.app(scope, receive, send)
 
 
