@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# lint and bench also need the bench extra (matplotlib: `mypy bench` checks the plots)
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint bench clean
 
@@ -13,19 +15,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,dev,bench]'
+	touch $(BENCH_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/trio-router demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(BENCH_STAMP)
 	$(BIN)/ruff check trio_router tests bench
 	$(BIN)/ruff format --check trio_router tests bench
 	$(BIN)/mypy
 	$(BIN)/mypy bench
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/proxy_overhead.py --quick
 
 clean:
