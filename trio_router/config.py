@@ -216,7 +216,9 @@ class RouterConfig:
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     verbose: bool = option(False, "log one line per request")
     echo_request_id: bool = option(
-        True, "answer with the X-Request-ID the request had (or was given)"
+        True,
+        "put the request's X-Request-ID (the client's, or the one the router gave it and sent "
+        "to the worker) on every answer, in place of a worker's own",
     )
 
     def problems(self) -> list[str]:

@@ -13,11 +13,13 @@ a crowd of idle sockets cannot use up the descriptors that accepting needs.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import resource
+import secrets
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -233,6 +235,44 @@ async def wait_for_workers(router: Router, seconds: float) -> None:
     )
 
 
+class RequestIds:
+    """An ASGI wrapper, outermost: every request has an X-Request-ID (the client's, else a
+    new ``tr-...`` one), which the proxy forwards to the worker and logs; with ``echo``,
+    every answer carries exactly that one (a worker's own is replaced), whoever built it:
+    the worker, a middleware, the control plane, an error document."""
+
+    def __init__(self, app: Any, *, echo: bool) -> None:
+        self.app = app
+        self.echo = echo
+        self._prefix = f"tr-{secrets.randbits(32):08x}-"
+        self._ids = itertools.count(1)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        for name, value in headers:
+            if name == b"x-request-id":
+                request_id = value
+                break
+        else:
+            request_id = f"{self._prefix}{next(self._ids)}".encode()
+            scope["headers"] = [*headers, (b"x-request-id", request_id)]
+        if not self.echo:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                stamped = [h for h in message["headers"] if h[0].lower() != b"x-request-id"]
+                stamped.append((b"x-request-id", request_id))
+                message = {**message, "headers": stamped}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 @dataclass(frozen=True, slots=True)
 class RunningRouter:
     router: Router
@@ -297,7 +337,7 @@ async def serve(
             header_timeout=config.header_timeout,
             max_connections=connections,
         )
-        app = RefuseAmbiguousFraming(create_app(router))
+        app = RequestIds(RefuseAmbiguousFraming(create_app(router)), echo=config.echo_request_id)
         async with trio.open_nursery() as nursery:
             binds = await start_listener(nursery, cast(Any, app), cfg, trigger, "--port")
             prometheus_url = None
