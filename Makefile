@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# lint and bench also need the bench extra (matplotlib: `mypy bench` checks the plots)
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test test-sglang lint bench clean
 
@@ -14,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,dev,bench]'
+	touch $(BENCH_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/trio-router demo
@@ -27,13 +33,13 @@ test-sglang: $(STAMP)
 	@scripts/sglang/setup.sh || { code=$$?; [ "$$TRIO_ROUTER_SGLANG_OPTIONAL" = 1 ] || exit $$code; }
 	TRIO_ROUTER_SGLANG_TESTS=1 $(BIN)/python -m pytest -q tests/engine
 
-lint: $(STAMP)
+lint: $(BENCH_STAMP)
 	$(BIN)/ruff check trio_router tests bench
 	$(BIN)/ruff format --check trio_router tests bench
 	$(BIN)/mypy
 	$(BIN)/mypy bench
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/proxy_overhead.py --quick
 
 clean:

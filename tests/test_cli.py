@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import httpx
 import pytest
 import trio
 
+from trio_router import __version__
 from trio_router.cli import _parser, main
-from trio_router.config import RouterConfig, build, from_namespace, read_toml
+from trio_router.config import HELP_GROUPS, RouterConfig, build, from_namespace, read_toml
 from trio_router.errors import ConfigError
 
 
@@ -89,7 +91,7 @@ def test_help_documents_every_option_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--policy", "--health-check-interval", "--max-body-size", "--middleware-paths"):
         assert flag in text
-    assert "(default: least_inflight)" in text
+    assert '(default: "least_inflight")' in text
     with pytest.raises(SystemExit) as caught:
         main(["serve", "--policy", "fastest"])
     assert caught.value.code == 2
@@ -192,3 +194,45 @@ def test_options_outside_the_router_table_are_an_error(tmp_path: Path):
     toml.write_text('polcy = "x"\n[router]\nport = 1\n')
     with pytest.raises(ConfigError, match=r"put every option inside \[router\]"):
         read_toml(toml, "router")
+
+
+def test_help_is_in_sections_and_every_option_is_in_exactly_one():
+    names = [name for group in HELP_GROUPS.values() for name in group]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(RouterConfig))
+    assert len(names) == len(set(names))
+
+
+def test_help_shows_the_sections_a_short_usage_and_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: trio-router serve [--config FILE] [options]\n")
+    for title in ("serving:", "pool and health:", "routing:", "token cache:", "security:"):
+        assert f"\n{title}\n" in out
+    assert "other options:" not in out
+    for option in out.split("\n  --")[1:]:
+        assert " ".join(option.split()).count("(default") <= 1, option
+    text = " ".join(out.split())
+    assert (
+        "--hf-checkpoint S directory with the tokenizer files of the token cache (default: "
+        "the shipped Qwen3 tokenizer) --max-text-bytes" in text
+    )
+    assert '(default: "default")' in text  # --served-model-name's value, quoted
+
+
+def test_a_bad_value_prints_one_line_not_the_usage(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--port", "eighty"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "trio-router serve: error: argument --port: invalid int value: 'eighty' "
+        "(see trio-router serve --help)"
+    ]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"trio-router {__version__}\n"

@@ -168,3 +168,89 @@ async def test_a_loop_that_cannot_start_fails_start_up_loudly():
     with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="cannot bind")):
         async with trio.open_nursery() as nursery:
             await nursery.start(supervise, "broken", broken, ServiceBoard())
+
+
+def probe_recording(up_from: float, probes: list[float], answer: str = "connection refused"):  # type: ignore[no-untyped-def]
+    """A probe that fails before ``up_from`` (as a worker still starting) and records when."""
+
+    async def probe(url: str) -> str | None:
+        probes.append(round(trio.current_time(), 6))
+        return None if trio.current_time() >= up_from else answer
+
+    return probe
+
+
+async def test_a_worker_not_healthy_yet_is_probed_again_soon_with_backoff(autojump_clock):
+    pool = WorkerPool(HealthRules(failure_threshold=3))
+    worker, _ = pool.add(W, 0.0)
+    probes: list[float] = []
+    checker = HealthChecker(pool, probe_recording(1.0, probes), interval=10.0)
+    with trio.fail_after(1000):
+        await run_checker_for(checker, 25.0)
+    # started together with its router, up after 1 s: healthy at 1.5 s, not at 10 s
+    assert probes[:6] == [0.0, 0.1, 0.3, 0.7, 1.5, 10.0]
+    assert worker.state is WorkerState.HEALTHY
+
+
+async def test_backoff_grows_to_the_interval_for_a_worker_that_stays_down(autojump_clock):
+    pool = WorkerPool(HealthRules(failure_threshold=3))
+    worker, _ = pool.add(W, 0.0)
+    probes: list[float] = []
+    checker = HealthChecker(
+        pool, probe_recording(1e9, probes, "health probe answered 503"), interval=10.0
+    )
+    with trio.fail_after(1000):
+        await run_checker_for(checker, 45.0)
+    assert probes == [0.0, 0.1, 0.3, 0.7, 1.5, 3.1, 6.3, 10.0, 20.0, 30.0, 40.0]
+    # an engine that answers 503 while it starts is pending, not failing
+    assert worker.state is WorkerState.PENDING
+    assert worker.last_error == "health probe answered 503"
+
+
+async def test_the_first_failure_of_a_pending_worker_is_logged_once(autojump_clock, caplog):
+    pool = WorkerPool()
+    pool.add(W, 0.0)
+    checker = HealthChecker(pool, probe_recording(5.0, []), interval=10.0)
+    with caplog.at_level("INFO", logger="trio_router.health"), trio.fail_after(1000):
+        await run_checker_for(checker, 8.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"worker {W} is not ready yet (connection refused); probing it again in 0.1 s, "
+        "then less often, up to every 10 s",
+        f"worker {W}: pending -> healthy (probe ok)",
+    ]
+
+
+async def test_a_slow_probe_does_not_delay_the_other_workers(autojump_clock):
+    slow, fast = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
+    pool = WorkerPool()
+    pool.add(slow, 0.0)
+    pool.add(fast, 0.0)
+    probed: list[tuple[float, str]] = []
+    slow_starts: list[float] = []
+
+    async def probe(url: str) -> str | None:
+        if url == slow:
+            slow_starts.append(trio.current_time())
+        if url == slow and trio.current_time() > 0:
+            await trio.sleep(25.0)  # hangs (the probe's timeout would end it)
+        probed.append((trio.current_time(), url))
+        return None
+
+    checker = HealthChecker(pool, probe, interval=10.0)
+    with trio.fail_after(1000):
+        await run_checker_for(checker, 31.0)
+    assert [t for t, url in probed if url == fast] == [0.0, 10.0, 20.0, 30.0]
+    assert slow_starts == [0.0, 10.0]  # one probe of it in flight at a time
+
+
+async def test_wait_until_healthy_returns_when_the_first_worker_is_up(autojump_clock):
+    pool = WorkerPool()
+    pool.add(W, 0.0)
+    checker = HealthChecker(pool, probe_recording(2.0, []), interval=10.0)
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(checker.run)
+            await checker.wait_until_healthy()
+            assert trio.current_time() == pytest.approx(3.1)
+            nursery.cancel_scope.cancel()

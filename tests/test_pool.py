@@ -280,15 +280,30 @@ def test_probe_success_between_failures_resets_the_failure_count() -> None:
     assert w.state is WorkerState.HEALTHY
 
 
-def test_pending_worker_is_quarantined_by_probe_failures() -> None:
+def test_a_pending_worker_stays_pending_through_failed_probes() -> None:
+    # an engine still loading its model refuses connections, then answers 503: it is
+    # not failing, it has not started (quarantining it would put it on probation)
     pool = WorkerPool(rules=HealthRules(failure_threshold=2))
     w, _ = pool.add(url(0), 0.0)
-    pool.probe_failed(url(0), 1.0, "refused")
+    for t in range(1, 6):
+        assert pool.probe_failed(url(0), float(t), "health probe answered 503") is None
     assert w.state is WorkerState.PENDING
-    transition = pool.probe_failed(url(0), 2.0, "refused")
-    assert transition is not None
-    assert (transition.old, transition.new) == (WorkerState.PENDING, WorkerState.QUARANTINED)
+    assert w.last_error == "health probe answered 503"
     assert pool.candidates() == []
+    transition = pool.probe_succeeded(url(0), 6.0)
+    assert transition is not None
+    assert (transition.old, transition.new) == (WorkerState.PENDING, WorkerState.HEALTHY)
+    assert (w.quarantines, w.last_error) == (0, None)
+
+
+def test_a_recovered_worker_shows_no_stale_last_error() -> None:
+    pool = make_pool(1, rules=HealthRules(failure_threshold=1, success_threshold=1))
+    w = worker(pool, 0)
+    pool.probe_failed(url(0), 1.0, "health probe failed: ConnectError")
+    assert (w.state, w.last_error) == (WorkerState.QUARANTINED, "health probe failed: ConnectError")
+    pool.probe_succeeded(url(0), 2.0)
+    assert (w.state, w.last_error) == (WorkerState.HEALTHY, None)
+    assert w.snapshot()["last_error"] is None
 
 
 def test_readmission_needs_success_threshold_consecutive_successes() -> None:

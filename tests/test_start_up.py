@@ -6,9 +6,10 @@ The file-limit tests run the router in a child process whose limit is lowered fi
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -19,8 +20,9 @@ import trio
 
 from trio_router.cli import main
 
-from .conftest import start_router
+from .conftest import start_router, start_worker
 from .test_cli import read_line_with
+from .test_proxy import wait_until
 
 #: a child that lowers its open-file limit (soft, hard) and runs the command line
 CHILD = (
@@ -110,3 +112,115 @@ async def test_a_worker_url_with_port_0_is_refused_at_add_worker(nursery, client
 def test_a_prometheus_port_equal_to_the_router_port_is_refused_with_exit_2(capsys):
     assert main(["serve", "--port", "30123", "--prometheus-port", "30123"]) == 2
     assert "prometheus_port must differ from port" in capsys.readouterr().err
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another process (here: a plain socket) listens on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "ExceptionGroup" not in err
+    lines = [line for line in err.splitlines() if line.startswith("trio-router: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_port_in_use_stops_the_router_with_one_line_and_exit_2(taken_port, capsys):
+    assert main(["serve", "--port", str(taken_port)]) == 2
+    assert one_error_line(capsys) == (
+        f"trio-router: error: cannot listen on 127.0.0.1:{taken_port} (--port): Address "
+        "already in use (another process has it: choose another --port)"
+    )
+
+
+def test_a_prometheus_port_in_use_stops_the_router_with_one_line_and_exit_2(taken_port, capsys):
+    assert main(["serve", "--port", "0", "--prometheus-port", str(taken_port)]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"trio-router: error: cannot listen on 127.0.0.1:{taken_port} ")
+    assert "(--prometheus-port): Address already in use" in line
+
+
+def test_a_host_that_is_not_this_machines_stops_the_router_with_exit_2(capsys):
+    assert main(["serve", "--host", "192.0.2.1", "--port", "0"]) == 2  # TEST-NET-1
+    assert one_error_line(capsys) == (
+        "trio-router: error: cannot listen on 192.0.2.1:0 (--port): Cannot assign requested address"
+    )
+
+
+def test_a_port_in_use_stops_the_simulated_worker_with_one_line_and_exit_2(taken_port):
+    # in a child process: the simulated worker's hypercorn config leaks the socket it
+    # could not bind, which this test run would report as an unraisable warning
+    command = [sys.executable, "-m", "trio_router", "worker", "--port", str(taken_port)]
+    done = subprocess.run(
+        [*command, "--tokenizer", "bytes"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"trio-router: error: cannot listen on 127.0.0.1:{taken_port} (--port): Address "
+        "already in use (another process has it: choose another --port)"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_a_router_started_with_its_worker_serves_as_soon_as_the_worker_is_up(nursery, client):
+    # the README tour: router and worker started together; the worker is not up at the
+    # router's first probe. It is probed again after 0.1 s, 0.3 s, ... not an interval later.
+    port = free_port()
+    running = await start_router(
+        nursery, worker_urls=(f"http://127.0.0.1:{port}",), health_check_interval=60.0
+    )
+    assert running.router.pool.statistics().healthy == 0
+    await start_worker(nursery, port=port)
+    with trio.fail_after(20):  # an interval would be 60 s
+        await wait_until(lambda: running.router.pool.statistics().healthy == 1)
+        response = await client.post(running.url + "/generate", json={"text": "x"})
+    assert response.status_code == 200
+
+
+async def test_wait_for_workers_holds_the_port_until_a_worker_is_healthy(nursery, client):
+    port = free_port()
+
+    async def worker_later() -> None:
+        await trio.sleep(0.3)
+        await start_worker(nursery, port=port)
+
+    nursery.start_soon(worker_later)
+    with trio.fail_after(20):
+        running = await start_router(
+            nursery,
+            worker_urls=(f"http://127.0.0.1:{port}",),
+            wait_for_workers=15.0,
+            health_check_interval=60.0,
+        )
+        assert running.router.pool.statistics().healthy == 1  # before the port opened
+        response = await client.post(running.url + "/generate", json={"text": "x"})
+    assert response.status_code == 200
+
+
+def test_wait_for_workers_gives_up_with_one_line_and_exit_2(capsys):
+    port = free_port()  # nothing listens there
+    argv = ["serve", "--port", "0", "--worker-urls", f"http://127.0.0.1:{port}"]
+    assert main([*argv, "--wait-for-workers", "0.5"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(
+        "trio-router: error: no worker became healthy within 0.5 s (--wait-for-workers): "
+        f"http://127.0.0.1:{port}: health probe failed: ConnectError"
+    )
+
+
+def test_wait_for_workers_needs_workers_to_wait_for(capsys):
+    assert main(["serve", "--port", "0", "--wait-for-workers", "5"]) == 2
+    assert "wait_for_workers needs worker_urls" in one_error_line(capsys)

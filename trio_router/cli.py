@@ -6,38 +6,57 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import fields
 from functools import partial
 
 import trio
 
-from .config import RouterConfig, add_arguments, build, from_namespace
+from . import __version__
+from .config import HELP_GROUPS, RouterConfig, add_arguments, build, from_namespace
 from .errors import ConfigError
-from .server import RunningRouter, run_until_signalled
+from .server import (
+    RunningRouter,
+    bind_failure,
+    cannot_listen,
+    find_exception,
+    run_until_signalled,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is ``--help``'s)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trio-router",
         description="A token-exact HTTP router for SGLang workers in RL rollouts.",
     )
+    parser.add_argument("--version", action="version", version=f"trio-router {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
         "serve",
         help="run the router in front of SGLang workers",
+        usage="trio-router serve [--config FILE] [options]",
         description="Run the router. Every option may also come from --config (TOML), "
-        "top level or a [router] table; command-line flags win.",
+        "top level or a [router] table; command-line flags win. "
+        "docs/configuration.md describes each one.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML file with options")
-    add_arguments(serve, RouterConfig)
+    add_arguments(serve, RouterConfig, HELP_GROUPS)
 
     from .sim.worker import SimWorkerConfig
 
     worker = commands.add_parser(
         "worker",
         help="run a simulated SGLang worker (no GPU needed)",
+        usage="trio-router worker [--config FILE] [options]",
         description="Run a simulated SGLang worker for demos, tests and benchmarks. "
         "Options may also come from --config (TOML, top level or a [worker] table).",
     )
@@ -90,7 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             worker_config = from_namespace(SimWorkerConfig, args, section="worker")
             _setup_logging("info")
-            trio.run(run_sim_worker_until_signalled, worker_config)
+            try:
+                trio.run(run_sim_worker_until_signalled, worker_config)
+            except (OSError, BaseExceptionGroup) as exc:
+                failure = bind_failure(exc)
+                if failure is None:
+                    raise
+                host = (
+                    f"[{worker_config.host}]" if ":" in worker_config.host else worker_config.host
+                )
+                raise cannot_listen(f"{host}:{worker_config.port}", "--port", failure) from None
         else:
             from .demo import run_demo
 
@@ -125,14 +153,8 @@ def _secrets_from_environment(config: RouterConfig) -> RouterConfig:
 
 def _config_error(exc: BaseException) -> ConfigError | None:
     """The ConfigError behind ``exc``, also when nurseries wrapped it in groups."""
-    if isinstance(exc, ConfigError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _config_error(inner)
-            if found is not None:
-                return found
-    return None
+    found = find_exception(exc, lambda e: isinstance(e, ConfigError))
+    return found if isinstance(found, ConfigError) else None
 
 
 if __name__ == "__main__":

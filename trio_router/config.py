@@ -42,12 +42,21 @@ class RouterConfig:
         "least_inflight", "routing policy (manual is an alias of sticky)", choices=POLICY_NAMES
     )
     health_check_interval: float = option(10.0, "seconds between health probes of each worker")
-    health_check_timeout: float = option(5.0, "seconds before one health probe counts as failed")
+    health_check_timeout: float = option(
+        10.0,
+        "seconds before one health probe counts as failed (SGLang's /health runs a one-token "
+        "generation and takes 1 s at least)",
+    )
     health_check_failure_threshold: int = option(3, "consecutive failures that quarantine a worker")
     health_check_success_threshold: int = option(
         2, "consecutive probe successes that re-admit a quarantined worker"
     )
     health_check_endpoint: str = option("/health", "worker path probed for health")
+    wait_for_workers: float = option(
+        0.0,
+        "seconds to wait at start for a worker to be healthy before serving; if none is by "
+        "then, exit with status 2 (0 = serve at once)",
+    )
     quarantine_hold: float = option(
         10.0,
         "seconds a worker quarantined again with no successful request since its last "
@@ -80,7 +89,7 @@ class RouterConfig:
     )
     upstream_client: str = option(
         "lean",
-        "data-plane HTTP client: lean (our own, default) or httpcore",
+        "data-plane HTTP client: lean (our own) or httpcore",
         choices=UPSTREAM_CLIENTS,
     )
     max_body_size: int = option(32 * MiB, "largest request body accepted, in bytes (413 beyond)")
@@ -119,7 +128,9 @@ class RouterConfig:
         "/retrieve_from_text, prompts), in UTF-8 bytes (413 beyond)",
     )
     hf_checkpoint: str | None = option(
-        None, "directory with the tokenizer files (default: the shipped Qwen3 tokenizer)"
+        None,
+        "directory with the tokenizer files of the token cache (default: the shipped Qwen3 "
+        "tokenizer)",
     )
     gc_threshold_k: int = option(5, "token cache keeps the newest k weight versions")
     cache_gc_interval: float = option(30.0, "seconds between token cache GC passes")
@@ -205,7 +216,9 @@ class RouterConfig:
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
     verbose: bool = option(False, "log one line per request")
     echo_request_id: bool = option(
-        True, "answer with the X-Request-ID the request had (or was given)"
+        True,
+        "put the request's X-Request-ID (the client's, or the one the router gave it and sent "
+        "to the worker) on every answer, in place of a worker's own",
     )
 
     def problems(self) -> list[str]:
@@ -233,6 +246,7 @@ class RouterConfig:
             "keepalive_expiry",
             "first_byte_timeout",
             "quarantine_hold",
+            "wait_for_workers",
             "header_timeout",
             "body_timeout",
             "max_client_connections",
@@ -278,6 +292,8 @@ class RouterConfig:
             found.append("max_retries must be >= 0")
         if self.sticky_spill_factor < 1 or self.hash_load_factor < 1:
             found.append("sticky_spill_factor and hash_load_factor must be >= 1")
+        if self.wait_for_workers > 0 and not self.worker_urls:
+            found.append("wait_for_workers needs worker_urls to wait for")
         if not self.health_check_endpoint.startswith("/"):
             found.append("health_check_endpoint must start with /")
         if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:
@@ -286,6 +302,90 @@ class RouterConfig:
             found.append(f"prometheus_port must differ from port ({self.port})")
         return found
 
+
+#: ``trio-router serve --help`` in sections: each option of RouterConfig in one of them
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "serving": (
+        "host",
+        "port",
+        "graceful_timeout",
+        "keep_alive_timeout",
+        "request_timeout",
+        "first_byte_timeout",
+        "connect_timeout",
+        "max_retries",
+        "resend_unanswered",
+        "max_connections",
+        "keepalive_expiry",
+        "upstream_client",
+        "middleware_paths",
+    ),
+    "pool and health": (
+        "worker_urls",
+        "wait_for_workers",
+        "health_check_interval",
+        "health_check_timeout",
+        "health_check_failure_threshold",
+        "health_check_success_threshold",
+        "health_check_endpoint",
+        "quarantine_hold",
+        "quarantine_max_hold",
+    ),
+    "routing": (
+        "policy",
+        "sticky_ttl",
+        "sticky_spill_factor",
+        "hash_load_factor",
+        "balance_abs_threshold",
+        "balance_rel_threshold",
+        "cache_threshold",
+        "seed",
+    ),
+    "token cache": (
+        "radix_tree_max_size",
+        "hf_checkpoint",
+        "max_text_bytes",
+        "gc_threshold_k",
+        "cache_gc_interval",
+        "namespace_header",
+        "abort_retries",
+        "abort_retry_backoff",
+    ),
+    "OpenAI API and sessions (with the token cache)": (
+        "served_model_name",
+        "max_prompt_chars",
+        "max_chat_messages",
+        "chat_template_timeout",
+        "session_ttl",
+        "max_sessions",
+        "session_max_tokens",
+        "session_auth",
+        "strip_routed_experts",
+    ),
+    "security": (
+        "admin_token",
+        "insecure_admin",
+        "api_key",
+        "worker_api_key",
+        "worker_allow",
+        "proxy_allow",
+    ),
+    "limits": (
+        "max_body_size",
+        "max_header_size",
+        "header_timeout",
+        "body_timeout",
+        "max_client_connections",
+        "max_concurrent_requests",
+    ),
+    "observability": (
+        "log_level",
+        "verbose",
+        "echo_request_id",
+        "prometheus_port",
+        "prometheus_host",
+    ),
+}
 
 C = TypeVar("C")
 
@@ -302,30 +402,54 @@ def _field_kind(hint: Any) -> tuple[type, bool, bool]:
     return hint, False, optional
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
-    """One ``--flag`` per dataclass field; defaults stay unset so TOML can fill them."""
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type[Any],
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """One ``--flag`` per dataclass field, in ``groups`` (title: field names) if given;
+    defaults stay unset so TOML can fill them."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        scalar, many, _ = _field_kind(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{meta.get('help', '')} (default: {_show(default)})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if scalar is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = scalar
-            if "choices" in meta:
-                kwargs["choices"] = meta["choices"]
-            if many:
-                kwargs["nargs"] = meta.get("nargs", "+")
-        parser.add_argument(flag, **kwargs)
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    sections: list[tuple[Any, list[str]]] = []
+    if groups:
+        for title, names in groups.items():
+            sections.append((parser.add_argument_group(title), list(names)))
+    listed = {name for _, names in sections for name in names}
+    rest = [name for name in by_name if name not in listed]
+    if rest:
+        sections.append((parser.add_argument_group("other options") if groups else parser, rest))
+    for target, names in sections:
+        for name in names:
+            _add_flag(target, by_name[name], hints[name])
+
+
+def _add_flag(target: Any, f: dataclasses.Field[Any], hint: Any) -> None:
+    scalar, many, _ = _field_kind(hint)
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else None
+    help_text = meta.get("help", "")
+    if default is not None and "(default" not in help_text:  # unset: the help says what then
+        help_text += f" (default: {_show(default)})"
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+    if scalar is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = scalar
+        kwargs["metavar"] = "N" if scalar is int else "X" if scalar is float or many else "S"
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+            del kwargs["metavar"]  # argparse shows them
+        if many:
+            kwargs["nargs"] = meta.get("nargs", "+")
+    target.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def _show(value: object) -> str:
     if isinstance(value, tuple):
         return " ".join(map(str, value)) or "none"
+    if isinstance(value, str):
+        return f'"{value}"'  # (default: "default") is the name, not the word
     return str(value)
 
 

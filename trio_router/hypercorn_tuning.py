@@ -57,6 +57,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
@@ -64,6 +65,7 @@ from typing import Any
 import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
@@ -100,6 +102,38 @@ class TunedConfig(HypercornConfig):
             ConnectionTable(max_connections) if max_connections > 0 else None
         )
         self.notices = ConnectionNotices()
+
+    def create_sockets(self) -> Sockets:
+        """As hypercorn's (plain TCP ``host:port`` binds), but a socket that cannot bind is
+        closed, not left to the garbage collector (hypercorn's leaks it)."""
+        if self.ssl_enabled or any(b.startswith(("unix:", "fd://")) for b in self.bind):
+            return super().create_sockets()
+        sockets: list[socket.socket] = []
+        try:
+            for bind in self.bind:
+                sockets.append(listening_socket(bind))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return Sockets([], sockets, [])
+
+
+def listening_socket(bind: str) -> socket.socket:
+    """A bound, non-blocking TCP socket for ``host:port`` (``[v6]:port``), set up as
+    hypercorn sets up its own; closed again if it cannot bind."""
+    host, _, port = bind.replace("[", "").replace("]", "").rpartition(":")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.setblocking(False)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _notices(config: Any) -> ConnectionNotices:

@@ -422,8 +422,9 @@ class OpenAIFrontend(Middleware):
             client=request.client,
             hint=pending.hint,
         )
-        if "policy" in request.state:
-            upstream.state["policy"] = request.state["policy"]
+        for key in ("policy", "progress"):  # its routing, and who served it (proxy.PROGRESS)
+            if key in request.state:
+                upstream.state[key] = request.state[key]
         return upstream
 
     def _generate_body(self, call: Call, pending: Pending, *, stream: bool) -> dict[str, Any]:

@@ -6,12 +6,16 @@ here awaits, every method is atomic under trio's cooperative scheduling.
 Health states::
 
     PENDING ──probe ok──▶ HEALTHY ──failed request──▶ SUSPECT
-       │                  ▲    │ ◀──probe or request ok──┘ │
-       │  M probe successes    │                           │
-       │                  │    ▼                           ▼
-       └──────────────▶ QUARANTINED ◀─────────────────────┘
-          N consecutive failed probes (from any state), or
+                          ▲    │ ◀──probe or request ok──┘ │
+       M probe successes  │    │                           │
+                          │    ▼                           ▼
+                        QUARANTINED ◀─────────────────────┘
+          N consecutive failed probes, or
           N consecutive failed requests: connection errors, 5xx, broken streams
+
+A PENDING worker has never been healthy (just registered, or an engine still
+loading its model, which SGLang answers with a 503): failed probes leave it
+PENDING, with the reason in ``last_error``; it is not routable either way.
 
 A SUSPECT worker gets traffic only when no HEALTHY worker is left. A 4xx is the
 client's fault and never counts against a worker. A successful probe lets a
@@ -258,6 +262,8 @@ class WorkerPool:
         worker.consecutive_successes = 0
         worker.consecutive_failures += 1
         worker.last_error = reason
+        if worker.state is WorkerState.PENDING:
+            return None  # never healthy yet (an engine still starting answers 503): not failing
         if worker.consecutive_failures >= self.rules.failure_threshold:
             return self._quarantine(worker, now, reason)
         return None
@@ -301,6 +307,8 @@ class WorkerPool:
         worker.state_since = now
         if new is WorkerState.HEALTHY:
             worker.consecutive_failures = 0
+            if not worker.request_failures:  # recovered: /workers shows no stale reason
+                worker.last_error = None
         elif new is WorkerState.QUARANTINED:
             worker.consecutive_successes = 0
         return Transition(worker.url, old, new, reason)

@@ -67,6 +67,10 @@ HOP_BY_HOP = frozenset(
 DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-session-token"}
 DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date"}
 ROUTING_KEY_HEADERS = (b"x-smg-routing-key", b"x-session-id")
+#: ``request.state[PROGRESS]`` is the request's ``Progress``: the exchanges middleware open
+#: for it (``fetch``; the OpenAI front end copies it to its upstream requests) name the
+#: worker that served it, for its log line, metrics and ``Outcome``
+PROGRESS = "progress"
 MAX_ROUTING_KEY = 256
 END_HOOK_TIMEOUT = 10.0
 
@@ -135,11 +139,15 @@ async def read_body(scope: Scope, receive: Receive, limit: int, within: float = 
     raise RequestTimeout(f"request body not received within {within:g} s ({size} bytes came)")
 
 
-async def send_reply(send: Send, reply: Reply) -> None:
+async def send_reply(send: Send, reply: Reply) -> int:
+    """Send a whole ``reply`` with its length (not a relayed worker's, which may be
+    stale); the bytes of its body."""
     assert isinstance(reply.body, bytes)
-    headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
+    headers = [h for h in reply.headers if h[0].lower() != b"content-length"]
+    headers.append((b"content-length", str(len(reply.body)).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+    return len(reply.body)
 
 
 def error_reply(exc: RouterError) -> Reply:
@@ -211,6 +219,7 @@ class Proxy:
             return
         self.active += 1
         progress = Progress()
+        request.state[PROGRESS] = progress
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, progress)
@@ -232,7 +241,7 @@ class Proxy:
                 authorization = request.header_text(b"authorization")
                 if request.path in BROADCAST_PATHS:
                     router.gate.check_admin(authorization, request.client)
-                    await self._answer(await broadcast(router, request), send, progress)
+                    await self._answer(request, await broadcast(router, request), send, progress)
                     return
                 tenant = router.gate.tenant(authorization)
                 if tenant is not None:
@@ -246,7 +255,7 @@ class Proxy:
                         request.set_json_body(scoped)
                 reply = await router.chain.on_request(request) if router.chain.active else None
                 if reply is not None:
-                    await self._answer(reply, send, progress)
+                    await self._answer(request, reply, send, progress)
                     return
                 await self._forward(request, send, progress)
             if deadline.cancelled_caught:
@@ -254,20 +263,32 @@ class Proxy:
         except RouterError as exc:
             self._failed(progress, exc)
             if not progress.response_started:
-                await send_reply(send, error_reply(exc))
+                progress.bytes_sent = await send_reply(send, error_reply(exc))
         except Exception as exc:
             log.exception("internal error proxying %s %s", request.method, request.path)
             self._failed(progress, RouterError(f"internal router error: {type(exc).__name__}"))
             if not progress.response_started:
-                await send_reply(send, error_reply(RouterError("internal router error")))
+                internal = error_reply(RouterError("internal router error"))
+                progress.bytes_sent = await send_reply(send, internal)
 
-    @staticmethod
-    async def _answer(reply: Reply, send: Send, progress: Progress) -> None:
-        """Send a middleware's own answer; a streamed one chunk by chunk."""
+    async def _answer(
+        self, request: ProxyRequest, reply: Reply, send: Send, progress: Progress
+    ) -> None:
+        """Send a middleware's own answer; a streamed one chunk by chunk.
+
+        A whole answer built from what a worker answered (the token cache's continued
+        /generate, a non-streamed OpenAI or session answer) goes through
+        ``on_response_start`` first, as the worker's own answer would, naming the worker.
+        """
+        chain = self.router.chain
+        if isinstance(reply.body, bytes) and progress.worker is not None and chain.active:
+            head = ResponseHead(reply.status, list(reply.headers), progress.worker)
+            await chain.on_response_start(request, head)
+            reply = Reply(head.status, reply.body, head.headers)
         progress.status = reply.status
         if isinstance(reply.body, bytes):
             progress.completed = True
-            await send_reply(send, reply)
+            progress.bytes_sent = await send_reply(send, reply)
             return
         body = reply.body
         try:
@@ -310,8 +331,6 @@ class Proxy:
                 body, replaced = router.chain.transform_body(request, head, body)
                 if replaced:
                     head.headers = [(k, v) for k, v in head.headers if k != b"content-length"]
-            if router.config.echo_request_id:
-                head.headers.append((b"x-request-id", request.request_id.encode("latin-1")))
             length = _content_length(head.headers)
             progress.status = head.status
             await send(
@@ -388,7 +407,8 @@ async def open_exchange(
     (``Gate.worker_headers``), nor does a path a worker might read otherwise
     (``check_target``: 400).
     """
-    progress = progress if progress is not None else Progress()
+    if progress is None:
+        progress = request.state.get(PROGRESS) or Progress()
     check_target(request.target.decode("latin-1"))
     tried: set[str] = set()
     headers = router.gate.worker_headers(forward_headers(request.headers, DROP_REQUEST))

@@ -12,10 +12,14 @@ a crowd of idle sockets cannot use up the descriptors that accepting needs.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import resource
+import secrets
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -28,7 +32,7 @@ from . import hypercorn_tuning
 from .app import create_app
 from .config import RouterConfig
 from .connections import client_connection_budget
-from .errors import AmbiguousRequest
+from .errors import AmbiguousRequest, ConfigError
 from .health import Probe
 from .log_throttle import Throttle
 from .proxy import Receive, Scope, Send, error_reply, send_reply
@@ -168,6 +172,116 @@ class RefuseAmbiguousFraming:
         await self.app(scope, receive, send)
 
 
+#: what a socket that cannot listen fails with: the port is taken, the address is not
+#: this host's, a port below 1024 without the right (a host that does not resolve: gaierror)
+BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def find_exception(
+    exc: BaseException, wanted: Callable[[BaseException], bool]
+) -> BaseException | None:
+    """``exc``, or the first exception in its (nested) exception groups, that is ``wanted``."""
+    if wanted(exc):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_exception(inner, wanted)
+            if found is not None:
+                return found
+    return None
+
+
+def _cannot_bind(exc: BaseException) -> bool:
+    return isinstance(exc, socket.gaierror) or (
+        isinstance(exc, OSError) and exc.errno in BIND_ERRNOS
+    )
+
+
+def bind_failure(exc: BaseException) -> OSError | None:
+    """The socket error behind ``exc`` if it says a listener could not be opened (also
+    inside the exception groups of hypercorn's nurseries)."""
+    found = find_exception(exc, _cannot_bind)
+    return found if isinstance(found, OSError) else None
+
+
+def cannot_listen(bind: str, flag: str, exc: OSError) -> ConfigError:
+    """The one-line start-up error for a listener that could not be opened."""
+    reason = exc.strerror or str(exc)
+    hint = " (another process has it: choose another " + flag + ")"
+    return ConfigError(
+        f"cannot listen on {bind} ({flag}): {reason}"
+        + (hint if exc.errno == errno.EADDRINUSE else "")
+    )
+
+
+async def start_listener(
+    nursery: trio.Nursery, app: Any, cfg: HypercornConfig, trigger: ShutdownTrigger, flag: str
+) -> list[str]:
+    """Start hypercorn on ``cfg.bind``; the bound URLs. A bind failure is a ConfigError."""
+    try:
+        binds: list[str] = await nursery.start(
+            partial(hypercorn_serve, app, cfg, shutdown_trigger=trigger)
+        )
+    except (OSError, BaseExceptionGroup) as exc:
+        failure = bind_failure(exc)
+        if failure is None:
+            raise
+        raise cannot_listen(cfg.bind[0], flag, failure) from None
+    return binds
+
+
+async def wait_for_workers(router: Router, seconds: float) -> None:
+    """Return once a worker is healthy; a ConfigError when none is within ``seconds``."""
+    if router.pool.statistics().healthy:
+        return
+    log.info("waiting up to %g s for a worker to be healthy (--wait-for-workers)", seconds)
+    with trio.move_on_after(seconds):
+        await router.health.wait_until_healthy()
+        return
+    reasons = "; ".join(f"{w.url}: {w.last_error or w.state.value}" for w in router.pool)
+    raise ConfigError(
+        f"no worker became healthy within {seconds:g} s (--wait-for-workers): {reasons}"
+    )
+
+
+class RequestIds:
+    """An ASGI wrapper, outermost: every request has an X-Request-ID (the client's, else a
+    new ``tr-...`` one), which the proxy forwards to the worker and logs; with ``echo``,
+    every answer carries exactly that one (a worker's own is replaced), whoever built it:
+    the worker, a middleware, the control plane, an error document."""
+
+    def __init__(self, app: Any, *, echo: bool) -> None:
+        self.app = app
+        self.echo = echo
+        self._prefix = f"tr-{secrets.randbits(32):08x}-"
+        self._ids = itertools.count(1)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        for name, value in headers:
+            if name == b"x-request-id":
+                request_id = value
+                break
+        else:
+            request_id = f"{self._prefix}{next(self._ids)}".encode()
+            scope["headers"] = [*headers, (b"x-request-id", request_id)]
+        if not self.echo:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                stamped = [h for h in message["headers"] if h[0].lower() != b"x-request-id"]
+                stamped.append((b"x-request-id", request_id))
+                message = {**message, "headers": stamped}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 @dataclass(frozen=True, slots=True)
 class RunningRouter:
     router: Router
@@ -221,6 +335,8 @@ async def serve(
     throttle_accept_failures()
     connections = client_connection_limit(config)
     async with open_router(config, probe=probe, tokenizer=tokenizer) as router:
+        if config.wait_for_workers > 0:
+            await wait_for_workers(router, config.wait_for_workers)
         cfg = hypercorn_config(
             config.host,
             config.port,
@@ -230,11 +346,9 @@ async def serve(
             header_timeout=config.header_timeout,
             max_connections=connections,
         )
-        app = RefuseAmbiguousFraming(create_app(router))
+        app = RequestIds(RefuseAmbiguousFraming(create_app(router)), echo=config.echo_request_id)
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(hypercorn_serve, cast(Any, app), cfg, shutdown_trigger=trigger)
-            )
+            binds = await start_listener(nursery, cast(Any, app), cfg, trigger, "--port")
             prometheus_url = None
             if config.prometheus_port is not None:
                 pcfg = hypercorn_config(
@@ -244,13 +358,8 @@ async def serve(
                     header_timeout=config.header_timeout,
                     max_connections=PROMETHEUS_CONNECTIONS,
                 )
-                prometheus_binds = await nursery.start(
-                    partial(
-                        hypercorn_serve,
-                        cast(Any, PrometheusApp(router)),
-                        pcfg,
-                        shutdown_trigger=trigger,
-                    )
+                prometheus_binds = await start_listener(
+                    nursery, cast(Any, PrometheusApp(router)), pcfg, trigger, "--prometheus-port"
                 )
                 prometheus_url = prometheus_binds[0]
             task_status.started(RunningRouter(router, binds[0], prometheus_url))
