@@ -1,11 +1,13 @@
 # The two commands: `make demo` runs the embedded default, `make test` runs the tests.
 # Both create their own virtualenv (.venv) and install what they need.
+# `make test-sglang` runs tests/engine against real SGLang on the CPU (docs/real-engine.md);
+# its engine is installed once into ~/.cache/trio-router/sglang by scripts/sglang/setup.sh.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-sglang lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# setup.sh first, in the open, so a first install shows its progress and a failure its reason
+# (TRIO_ROUTER_SGLANG_OPTIONAL=1: the suite then skips instead of failing)
+test-sglang: $(STAMP)
+	@scripts/sglang/setup.sh || [ "$$TRIO_ROUTER_SGLANG_OPTIONAL" = 1 ]
+	TRIO_ROUTER_SGLANG_TESTS=1 $(BIN)/python -m pytest -q tests/engine
 
 lint: $(STAMP)
 	$(BIN)/ruff check trio_router tests bench
