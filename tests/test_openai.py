@@ -573,3 +573,68 @@ async def test_completions_logprobs_n_gives_the_n_best_alternatives(nursery, qwe
     logprobs = completion.choices[0].logprobs
     assert logprobs is not None
     assert logprobs.top_logprobs == [{" four": -0.5, " for": -1.5}, {" five": -0.7, " for": -2.0}]
+
+
+#: how SGLang 0.5.23 refuses a streamed request it has already answered 200 to
+ENGINE_STREAM_ERROR = Script(
+    headers=[(b"content-type", b"text/event-stream; charset=utf-8")],
+    chunks=[
+        b'data: {"error":{"message":"The input (9001 tokens) is longer than the model\'s'
+        b' context length (8192 tokens).","type":"invalid_request_error","code":400,'
+        b'"retryable":false}}\n\n',
+        b"data: [DONE]\n\n",
+    ],
+)
+TOO_LONG = "The input (9001 tokens) is longer than the model's context length (8192 tokens)."
+
+
+async def stream_events(url: str, body: dict[str, Any]) -> list[Any]:
+    """The ``data:`` payloads of a streamed answer (``[DONE]`` kept as the string)."""
+    async with httpx.AsyncClient() as client, client.stream("POST", url, json=body) as r:
+        assert r.status_code == 200
+        lines = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+    return [line if line == "[DONE]" else orjson.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": MESSAGES}),
+        ("/v1/completions", {"prompt": "Once upon"}),
+    ],
+)
+async def test_an_engine_error_inside_a_stream_is_passed_on_as_an_error_event(
+    nursery, qwen3, path, body
+):
+    upstream, url = await start_scripted(nursery)
+    upstream.script = ENGINE_STREAM_ERROR
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    before = recorded(running)
+    with trio.fail_after(30):
+        events = await stream_events(running.url + path, {**body, "stream": True})
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    assert errors == [
+        {
+            "message": f"worker refused the request: {TOO_LONG}",
+            "type": "invalid_request_error",
+            "code": 400,
+        }
+    ]
+    assert events[-1] == "[DONE]"
+    assert recorded(running) == before
+
+
+async def test_an_engine_schema_error_is_passed_on_as_its_message(nursery, qwen3):
+    upstream, url = await start_scripted(nursery)
+    refusal = {"error": "unknown field `bogus`, expected one of `max_new_tokens`, `stop`"}
+    upstream.script = Script(status=400, chunks=[orjson.dumps(refusal)])  # SGLang's shape
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(30):
+            r = await client.post(running.url + "/v1/chat/completions", json={"messages": MESSAGES})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == f"worker refused the request: {refusal['error']}"

@@ -17,6 +17,7 @@ from trio_router.sessions import SessionTable, delta_text
 
 from .conftest import start_router, start_scripted, start_worker
 from .scripted import Script
+from .test_openai import ENGINE_STREAM_ERROR, TOO_LONG
 from .test_proxy import wait_until
 
 SYSTEM = {"role": "system", "content": "You are helpful."}
@@ -453,3 +454,32 @@ async def test_wrong_typed_turn_and_sample_fields_are_a_400(nursery, client, qwe
     assert after == before
     assert worker.app.stats.requests["/generate"] == 1
     assert null_format.status_code == 200
+
+
+async def test_an_engine_error_inside_a_streamed_turn_is_passed_on_and_changes_nothing(
+    nursery, client, qwen3
+):
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    upstream.script = ENGINE_STREAM_ERROR
+    messages = [SYSTEM, {"role": "user", "content": "Tell me a story."}]
+    with trio.fail_after(30):
+        sid = await open_session(client, running.url)
+        before = await state(client, running.url, sid)
+        body = {"messages": messages, "max_tokens": 4, "stream": True}
+        path = f"{running.url}/sessions/{sid}/v1/chat/completions"
+        async with client.stream("POST", path, json=body) as r:
+            lines = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+        after = await state(client, running.url, sid)
+    errors = [orjson.loads(line)["error"] for line in lines if line.startswith('{"error"')]
+    assert errors == [
+        {
+            "message": f"worker refused the request: {TOO_LONG}",
+            "type": "invalid_request_error",
+            "code": 400,
+        }
+    ]
+    assert lines[-1] == "[DONE]"
+    assert after == before

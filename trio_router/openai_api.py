@@ -499,7 +499,7 @@ class OpenAIFrontend(Middleware):
         body = self._generate_body(call, pending, stream=True)
         upstream = self.upstream_request(request, "/generate", body, pending)
         sent = ""
-        last: bytes | None = None
+        answer: dict[str, Any] | None = None
         async with open_exchange(self.router, upstream) as response:
             if response.status != 200:
                 raw = b"".join([c async for c in response])
@@ -509,18 +509,14 @@ class OpenAIFrontend(Middleware):
                 for event in events.feed(data):
                     if event == b"[DONE]":
                         continue
-                    last = event
-                    try:
-                        text = orjson.loads(event).get("text", "")
-                    except (orjson.JSONDecodeError, AttributeError):
-                        raise UpstreamProtocolError("worker sent a malformed event") from None
+                    answer = stream_event(event)
+                    text = answer.get("text", "")
                     if isinstance(text, str) and text.startswith(sent) and len(text) > len(sent):
                         delta, sent = text[len(sent) :], text
                         yield delta
             worker = response.url
-        if last is None:
+        if answer is None:
             raise UpstreamProtocolError("worker ended the stream without an answer")
-        answer = orjson.loads(last)
         result = _generated(answer, len(pending.prompt.ids), worker)
         if result.text.startswith(sent) and len(result.text) > len(sent):
             yield result.text[len(sent) :]
@@ -579,12 +575,32 @@ def worker_answer(fetched: Fetched) -> Any:
         raise UpstreamProtocolError(f"worker sent invalid JSON: {exc}") from None
 
 
+def stream_event(event: bytes) -> dict[str, Any]:
+    """One event of a worker's ``/generate`` stream; an error event (SGLang reports a
+    request it refuses after answering 200 as ``{"error": {...}}``) is raised as such."""
+    try:
+        data = orjson.loads(event)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise UpstreamProtocolError("worker sent a malformed event")
+    if "error" in data:
+        error = data["error"]
+        code = error.get("code") if isinstance(error, dict) else None
+        status = code if type(code) is int and 400 <= code < 600 else 502
+        raise worker_error(status, event)
+    return data
+
+
 def worker_error(status: int, raw: bytes) -> RouterError:
     message = raw[:500].decode("utf-8", "replace")
     try:
         data = orjson.loads(raw)
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            message = str(data["error"].get("message", message))
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get("message", message))
+        elif isinstance(error, str):  # SGLang's schema errors: {"error": "unknown field ..."}
+            message = error
     except orjson.JSONDecodeError:
         pass
     if 400 <= status < 500:

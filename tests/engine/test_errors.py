@@ -62,13 +62,6 @@ async def test_a_streamed_generate_relays_the_engine_error_event(nursery, client
     assert routed == direct
 
 
-STREAM_ERRORS = pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 §2: SGLang's in-stream error event becomes 'worker answer has no "
-    "meta_info' (502) on streamed chat and session turns",
-)
-
-
 async def stream_error(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
     body = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 2, "stream": True}
     events = await events_of(client, url, body)
@@ -79,7 +72,6 @@ async def stream_error(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
     return error
 
 
-@STREAM_ERRORS
 async def test_a_streamed_chat_passes_the_engine_error_on(nursery, client, qwen3, engine):
     router = await start_engine_router(nursery, qwen3, engine)
     with trio.fail_after(60):
@@ -88,7 +80,6 @@ async def test_a_streamed_chat_passes_the_engine_error_on(nursery, client, qwen3
     assert error["code"] == 400
 
 
-@STREAM_ERRORS
 async def test_a_streamed_session_turn_passes_the_engine_error_on(
     nursery, client, qwen3, engine: Engine
 ):
