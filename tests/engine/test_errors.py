@@ -6,7 +6,6 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 import trio
 
 from .conftest import Engine, start_engine_router
