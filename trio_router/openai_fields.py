@@ -179,10 +179,9 @@ def parse_call(
         elif key not in CHAT_FIELDS and value is not None:
             extras[key] = value  # a null extension field means unset: SGLang misreads nulls
     _check_rid(extras.get("rid"), n)
+    top = _integer(body, "top_logprobs", low=0, high=20) or 0
     if completions:  # the legacy API: "logprobs": N asks for the N best alternatives
         top = _integer(body, "logprobs", low=0, high=5) or 0
-    else:
-        top = _integer(body, "top_logprobs", low=0, high=20) or 0
     options = typed(body, "stream_options", "object") or {}
     include_usage = typed(options, "include_usage", "boolean", "stream_options.") or False
     model = typed(body, "model", "string") or default_model
