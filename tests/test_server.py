@@ -17,6 +17,7 @@ from functools import partial
 import pytest
 import trio
 
+from trio_router import hypercorn_tuning
 from trio_router.server import serve
 
 from .conftest import router_config, start_router, start_scripted
@@ -430,3 +431,56 @@ async def test_a_request_head_beyond_the_header_limit_is_refused_whatever_holds_
         answer = await answer_to_dribble(stream, request, 1.0)
     assert answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 414")), answer[:100]
     assert relayed(upstream) == []
+
+
+async def read_to_the_end(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+def upload_head(path: str, size: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\n"
+        f"content-length: {size}\r\n\r\n"
+    ).encode()
+
+
+#: far beyond what the kernel buffers between client and router hold (a few MB)
+WHOLE_BODY = 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("path", ["/generate", "/add_worker"])
+async def test_a_client_that_sends_its_whole_body_before_reading_gets_the_413(
+    nursery, connect, path
+):
+    # Python's urllib writes the whole body, then reads: the router answers 413 at the
+    # head, so it must drop the rest of the body before it closes, else the client's
+    # writes meet a reset ("Broken pipe") and it never sees the answer
+    running = await start_router(nursery, max_body_size=1024 * 1024)
+    with trio.fail_after(30):
+        client = await connect(running.url)
+        await client.send_all(upload_head(path, WHOLE_BODY) + b"x" * WHOLE_BODY)
+        answer = await read_to_the_end(client)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert answer.endswith(b'"code":413}}')
+
+
+async def test_the_dropped_body_is_bounded_in_bytes(nursery, connect, monkeypatch):
+    monkeypatch.setattr(hypercorn_tuning, "LINGER_BYTES", 256 * 1024)
+    running = await start_router(nursery, max_body_size=1024 * 1024)
+    with trio.fail_after(30):
+        client = await connect(running.url)
+        with pytest.raises(trio.BrokenResourceError):  # closed after 256 KiB more
+            await client.send_all(upload_head("/generate", WHOLE_BODY) + b"x" * WHOLE_BODY)
+
+
+async def test_the_dropped_body_is_bounded_in_time(nursery, connect, monkeypatch):
+    monkeypatch.setattr(hypercorn_tuning, "LINGER_SECONDS", 0.2)
+    running = await start_router(nursery, max_body_size=1024 * 1024)
+    with trio.fail_after(10):  # a client that stops sending is not waited for
+        client = await connect(running.url)
+        await client.send_all(upload_head("/generate", WHOLE_BODY) + b"x" * 65536)
+        answer = await read_to_the_end(client)
+    assert answer.startswith(b"HTTP/1.1 413")

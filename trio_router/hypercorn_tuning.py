@@ -39,8 +39,12 @@ And the limits of a ``TunedConfig`` (a plain hypercorn ``Config`` has none):
 - **A head is at most ``h11_max_incomplete_size`` bytes, request target included.**
   h11 checks the size only while a head is incomplete, after each read; a read is
   sized so that the check sees a head that is too long before it can end (431).
-- **At most ``client_connections.limit`` connections**: a newcomer takes the place
-  of the one that has waited on its client the longest (``connections``).
+- **At most ``client_connections.limit`` connections** (``connections``): a newcomer
+  takes the place of the one that has waited on its client the longest.
+- **A request body nobody read is drained before the close** (lingering close): the
+  answer (a 413, say) is followed by the end of our side, then what the client still
+  sends is read and dropped, up to ``LINGER_BYTES`` and ``LINGER_SECONDS``, so a client
+  that writes its whole body before reading gets the answer, not a reset.
 - **Closing a connection cannot be cancelled.** hypercorn closes a connection that
   must not be kept (``Connection: close``, a request body left unread) from inside
   the app's last ``send``; an app that cancels its own scope once the response is out
@@ -78,6 +82,10 @@ log = logging.getLogger("trio_router.server")
 
 _ATTRIBUTE = "_trio_router_tuned"
 TUNED_SERIES = "0.18."
+#: a request body nobody read (its answer was a 413, say) is read and dropped, up to this
+#: many bytes and seconds, before its connection is closed
+LINGER_BYTES = 128 * 1024 * 1024
+LINGER_SECONDS = 10.0
 
 
 class ConnectionNotices:
@@ -152,9 +160,10 @@ def _h11(server: Any) -> h11.Connection | None:
 
 
 def _still_receiving(watch: IdleWatch) -> bool:
-    """Whether the request in progress still waits for its body, with no answer begun."""
+    """Whether the request in progress still waits for its body, with no answer begun
+    (or with its answer sent, the rest of the body being dropped before the close)."""
     connection = _h11(watch.server)
-    return (
+    return watch.linger is not None or (
         connection is not None
         and connection.their_state is h11.SEND_BODY
         and connection.our_state is h11.SEND_RESPONSE
@@ -178,7 +187,16 @@ class IdleWatch:
     timeout once a request head has begun, none while a request is in progress.
     """
 
-    __slots__ = ("_done", "_started", "evicted", "head_bytes", "idle", "scope", "server")
+    __slots__ = (
+        "_done",
+        "_started",
+        "evicted",
+        "head_bytes",
+        "idle",
+        "linger",
+        "scope",
+        "server",
+    )
 
     def __init__(self, server: Any) -> None:
         self.server = server
@@ -188,6 +206,7 @@ class IdleWatch:
         self.head_bytes = 0  # bytes received since the connection went idle
         self.evicted = False
         self.scope = trio.CancelScope()  # the wait for the deadline
+        self.linger: Linger | None = None  # closing: the rest of a request body is dropped
 
     def _table(self) -> ConnectionTable[IdleWatch] | None:
         return getattr(self.server.config, "client_connections", None)
@@ -219,6 +238,8 @@ class IdleWatch:
 
     def read_size(self) -> int:
         """How much to read: while a head is incomplete, one byte past its limit at most."""
+        if self.linger is not None:
+            return max(1, min(MAX_RECV, self.linger.left))
         if not self.idle or _h11(self.server) is None:  # HTTP/2 frames are not a head
             return MAX_RECV
         room: int = self.server.config.h11_max_incomplete_size + 1 - self.head_bytes
@@ -271,6 +292,44 @@ class IdleWatch:
             )
 
 
+class Linger:
+    """A connection being closed while its client still sends a request body nobody read:
+    the reader drops up to ``left`` more bytes, then sets ``done``."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+        self.done = trio.Event()
+
+
+async def linger_before_close(server: Any) -> None:
+    """Before closing a connection whose client is still sending a request body (the app
+    answered without reading it all, as with a 413): end our side, so the client sees the
+    whole answer, and drop what it sends until it is done, up to ``LINGER_BYTES`` and
+    ``LINGER_SECONDS``. Closing at once would reset the connection under a client that
+    writes its whole body before it reads (Python's urllib), which then sees "Broken pipe"
+    instead of the answer (RFC 9112 §9.6)."""
+    watch = server.idle_task
+    connection = _h11(server)
+    stream = server.stream
+    if (
+        type(watch) is not IdleWatch
+        or watch.linger is not None
+        or type(stream) is not trio.SocketStream
+        or connection is None
+        or connection.their_state is not h11.SEND_BODY
+    ):
+        return
+    watch.linger = linger = Linger(LINGER_BYTES)
+    try:
+        stream.socket.shutdown(socket.SHUT_WR)
+    except OSError:  # the client is gone
+        return
+    with trio.move_on_after(LINGER_SECONDS):
+        await linger.done.wait()
+
+
 def make_room(server: Any, table: ConnectionTable[IdleWatch]) -> bool:
     """At the connection limit: close the connection that waited longest (False: none)."""
     notices = _notices(server.config)
@@ -313,9 +372,9 @@ async def read_socket(server: Any, watch: IdleWatch) -> None:
     trying first would cost a failed read; and trio's stream adds a scheduler pass
     and, with hypercorn's ``fail_after``, two context managers to every read.
     """
-    socket = server.stream.socket
+    sock = server.stream.socket
     while True:
-        fd = socket.fileno()  # each time: -1 once closed, never a reused number
+        fd = sock.fileno()  # each time: -1 once closed, never a reused number
         if fd < 0:  # hypercorn closed it (an answer with Connection: close, an error)
             break
         try:
@@ -323,6 +382,12 @@ async def read_socket(server: Any, watch: IdleWatch) -> None:
             data = os.read(fd, watch.read_size())
         except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
             break
+        linger = watch.linger
+        if linger is not None:  # answered and closing: the rest of the body is dropped
+            linger.left -= len(data)
+            if not data or linger.left <= 0:
+                break
+            continue
         watch.received(len(data))
         await server.protocol.handle(RawData(data))
         if not data:
@@ -395,6 +460,7 @@ def install() -> None:
                     event = RawData(data=data[sent:])
         elif type(event) is Closed:  # as the original, but the close itself is shielded
             with trio.CancelScope(shield=True):
+                await linger_before_close(self)
                 await self._close()
             await self.protocol.handle(event)
             return
@@ -408,6 +474,9 @@ def install() -> None:
                 await original_read(self)
         finally:
             self.idle_task.end()
+            linger = getattr(self.idle_task, "linger", None)
+            if linger is not None:
+                linger.done.set()
 
     TCPServer.run = run  # type: ignore[method-assign]
     if tuned:

@@ -8,6 +8,7 @@ exit cancels the loops before closing the connections they use.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +42,8 @@ from .supervise import ServiceBoard, supervise
 from .token_cache import CacheSettings, TokenCache
 from .tokenizer import Tokenizer, load_tokenizer
 from .upstream import Upstream, UpstreamClient, UpstreamLimits
+
+log = logging.getLogger("trio_router.router")
 
 
 class Router:
@@ -224,6 +227,12 @@ async def open_router(
     problems = config.problems()
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
+    if config.hf_checkpoint is not None and config.radix_tree_max_size == 0:
+        log.warning(
+            "--hf-checkpoint %s is not used: the token cache is off (turn it on with "
+            "--radix-tree-max-size)",
+            config.hf_checkpoint,
+        )
     # Probes and broadcasts: connections checked against the allow-list like the data
     # plane's, and the worker's own key (if any) on every call.
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4)
