@@ -48,7 +48,7 @@ REQUEST_TASKS = ("_cancel_on_disconnect", "task_group._handle", "_watch_disconne
 #: tasks that live as long as one TCP connection to a server
 CONNECTION_TASKS = ("_run_handler", "IdleWatch._watch")
 #: tasks that live for one health-check round (one probe per worker)
-PROBE_TASKS = ("HealthChecker.check",)
+PROBE_TASKS = ("HealthChecker.check", "HealthChecker._round")  # a probe round in flight
 
 
 @dataclass
