@@ -24,7 +24,7 @@ test: $(STAMP)
 # setup.sh first, in the open, so a first install shows its progress and a failure its reason
 # (TRIO_ROUTER_SGLANG_OPTIONAL=1: the suite then skips instead of failing)
 test-sglang: $(STAMP)
-	@scripts/sglang/setup.sh || [ "$$TRIO_ROUTER_SGLANG_OPTIONAL" = 1 ]
+	@scripts/sglang/setup.sh || { code=$$?; [ "$$TRIO_ROUTER_SGLANG_OPTIONAL" = 1 ] || exit $$code; }
 	TRIO_ROUTER_SGLANG_TESTS=1 $(BIN)/python -m pytest -q tests/engine
 
 lint: $(STAMP)

@@ -9,6 +9,7 @@
 # and takes at least a second). Options after PORT go to sglang.launch_server. The exit code
 # is setup.sh's when it fails (see common.sh), else the server's.
 set -euo pipefail
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 
 variant=default

@@ -7,6 +7,7 @@
 # installs into a scratch venv (in the same way setup.sh does: sglang without its declared
 # dependencies) and writes `pip freeze --all` of it.
 set -euo pipefail
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT

@@ -4,11 +4,13 @@
 #   usage: scripts/sglang/setup.sh [--model default|partial-utf8]...   (default: both models)
 #
 # Everything goes to $TRIO_ROUTER_SGLANG_HOME (default ~/.cache/trio-router/sglang), outside
-# the repository. The venv is reused while its stamp matches the hash of constraints.txt, of
-# these scripts and of the interpreter's version; a model, while its stamp matches the venv's
-# and make_model.py's and the tokenizer's. A half-built venv or model has no stamp and is
-# rebuilt. Exit codes: see common.sh (3: SGLang cannot be installed, 4: no model).
+# the repository. The venv is reused while its stamp matches the hash of constraints.txt (and
+# of the stand-ins, the interpreter's version and common.sh's RECIPE); a model, while its
+# stamp matches the venv's and make_model.py's and the tokenizer's. A half-built venv or model
+# has no stamp and is rebuilt. Exit codes: see common.sh (3: SGLang cannot be installed, 4: no
+# model).
 set -euo pipefail
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 
 models=()
@@ -33,13 +35,16 @@ flock 9  # engines started together wait for one setup
 
 install_engine() {
   local key version wheels
-  key=$(venv_key)
+  version=$("$SGLANG_PYTHON" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null) ||
+    fail $EXIT_NO_ENGINE "cannot run $SGLANG_PYTHON (set TRIO_ROUTER_SGLANG_PYTHON to a CPython 3.11)"
+  key=$(venv_key "$version")
   is_current "$VENV/.stamp" "$key" && return 0
   : >"$LOG"
-  version=$("$SGLANG_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>>"$LOG") ||
-    fail $EXIT_NO_ENGINE "cannot run $SGLANG_PYTHON (set TRIO_ROUTER_SGLANG_PYTHON to a CPython 3.11)"
-  [ "$version" = 3.11 ] ||
-    fail $EXIT_NO_ENGINE "constraints.txt pins wheels for CPython 3.11, and $SGLANG_PYTHON is $version (set TRIO_ROUTER_SGLANG_PYTHON)"
+  LOG_STARTED=1
+  case $version in
+    3.11.*) ;;
+    *) fail $EXIT_NO_ENGINE "constraints.txt pins wheels for CPython 3.11, and $SGLANG_PYTHON is $version (set TRIO_ROUTER_SGLANG_PYTHON)" ;;
+  esac
   say "installing SGLang 0.5.23 for CPU into $VENV (first time only: a few minutes)"
   rm -rf "$VENV"
   "$SGLANG_PYTHON" -m venv "$VENV" >>"$LOG" 2>&1 || fail $EXIT_NO_ENGINE "cannot create a venv in $VENV"
@@ -69,7 +74,10 @@ build_model() {
   dir=$(model_dir "$variant")
   key=$(model_key "$variant")
   is_current "$dir/.stamp" "$key" && return 0
+  [ -f "$dir/.stamp" ] && echo "rebuilding the $variant model: built for" \
+    "[$(tr '\n' ' ' <"$dir/.stamp")], now [$(tr '\n' ' ' <<<"$key")]" >>"$LOG"
   [ "$variant" = partial-utf8 ] && flags=(--partial-utf8)
+  LOG_STARTED=1
   rm -rf "$dir"
   PYTHONPATH="$STUBS" "$VENV/bin/python" "$HERE/make_model.py" --out "$dir" \
     --tokenizer "$REPO/trio_router/data/qwen3" "${flags[@]}" >>"$LOG" 2>&1 ||

@@ -46,7 +46,7 @@ EXTERNAL_PORT = os.environ.get("TRIO_ROUTER_SGLANG_PORT")
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "sglang"
 SKIP_REASON = "real-SGLang lane: run it with `make test-sglang`"
 SETUP_LIMIT = 25 * 60  # seconds for a first install (a few minutes on this machine)
-READY_LIMIT = 300  # seconds for an engine to answer /health (~35 s alone, more when busy)
+READY_LIMIT = 300  # seconds for an engine to answer /health (~40 s idle, ~100 s busy)
 TEST_LIMIT = 300  # seconds per test function (fixtures excluded: they bound themselves)
 SETUP_EXITS = {3: "SGLang cannot be installed here", 4: "the test model cannot be built"}
 
@@ -76,10 +76,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """Skipped lane tests report the directory as their place: one summary line for all."""
+    """A skipped lane test reports the directory as its place: one summary line per reason."""
     report = yield
-    if not ENABLED and report.skipped and HERE in item.path.parents:
-        report.longrepr = (str(HERE), None, SKIP_REASON)
+    if report.skipped and HERE in item.path.parents and isinstance(report.longrepr, tuple):
+        report.longrepr = (str(HERE), None, report.longrepr[2])
     return report
 
 
@@ -224,12 +224,15 @@ def sglang(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         return
     engine = Engine("default", free_port(), logs / "engine.log")
     try:
+        problem = None
         try:
             install(logs / "setup.log")
             engine.start()
             engine.wait_ready()
         except EngineUnavailable as exc:
-            unavailable(exc)
+            problem = exc
+        if problem is not None:
+            unavailable(problem)
         yield engine
     finally:
         engine.stop()
@@ -241,10 +244,13 @@ def serving(engine: Engine, model: str, *, pristine: bool = True) -> Engine:
     if engine.model != model or (pristine and engine.changed) or not engine.running:
         if engine.external:
             pytest.skip(f"needs the {model} engine, and TRIO_ROUTER_SGLANG_PORT's is not")
+        problem = None
         try:
             engine.restart(model)
         except EngineUnavailable as exc:
-            unavailable(exc)
+            problem = exc
+        if problem is not None:
+            unavailable(problem)
     return engine
 
 

@@ -13,6 +13,7 @@ from .wire import (
     GREEDY,
     chat_prompt,
     comparable,
+    consumed_ids,
     generate,
     sse,
 )
@@ -125,3 +126,29 @@ async def test_a_stream_is_relayed_event_for_event(nursery, client, qwen3, engin
             direct[-2]["output_ids"][: len(e["output_ids"])] for e in events[:-1]
         ]
     assert comparable(via_plain[-2]) == comparable(via_cache[-2]) == comparable(direct[-2])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by the engine lane (not in issue 10): a cached prefix of prompt text is "
+    "reused up to a token boundary the new text does not have ('.' + '\\n\\n' for '.\\n\\n'), "
+    "so the engine gets a tokenization it would not make of that text itself",
+)
+async def test_a_prompt_sharing_only_prompt_text_with_a_cached_one_is_tokenized_as_the_engine_does(
+    nursery, client, qwen3, engine
+):
+    # the same system text, then something else: "helpful." + "<|im_end|>" was cached,
+    # and "helpful.\n\nBe brief." tokenizes ".\n\n" as one token
+    other = (
+        "<|im_start|>system\nYou are helpful.\n\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    account = {"return_logprob": True, "logprob_start_len": 0}
+    request = {"text": other, "sampling_params": {"max_new_tokens": 2, **GREEDY}, **account}
+    with trio.fail_after(60):
+        router = await start_engine_router(nursery, qwen3, engine)
+        await generate(client, router.url, body())  # caches PROMPT, system text included
+        routed = await generate(client, router.url, request)
+        direct = await generate(client, engine.url, request)
+    assert consumed_ids(direct) == qwen3.encode(other)  # the engine's own tokenization
+    assert consumed_ids(routed) == consumed_ids(direct)

@@ -153,9 +153,9 @@ async def test_an_aborted_answer_is_continued_and_stitched_exactly(nursery, clie
         result.update(await generate(client, router.url, body))
 
     with trio.fail_after(180):
-        async with slowed_down(client, engine, 0.08), trio.open_nursery() as inner:
-            inner.start_soon(long_generation)  # 40 steps: over 3 s, slowed down
-            await trio.sleep(1.0)
+        async with slowed_down(client, engine, 0.1), trio.open_nursery() as inner:
+            inner.start_soon(long_generation)  # 40 steps: over 4 s, slowed down
+            await trio.sleep(1.5)  # it is generating (the abort needs no token out yet)
             aborted = await post(client, router.url, "/abort_request", {"rid": rid})
         got = await retrieve(client, router.url, PROMPT + result["text"])
         whole = await generate(client, engine.url, {"text": PROMPT, "sampling_params": sampling})
