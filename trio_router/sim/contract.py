@@ -93,9 +93,10 @@ def value_error(message: str, status: int = 400) -> Refusal:
     return Refusal(status, {"error": {"message": message}}, streamed=True)
 
 
-def openai_error(message: str, status: int = 400) -> Refusal:
-    """A refusal of the OpenAI endpoints."""
-    document = {"object": "error", "message": message, "type": "BadRequestError"}
+def openai_error(message: str, status: int = 400, kind: str = "BadRequestError") -> Refusal:
+    """A refusal of the OpenAI endpoints (``kind``: SGLang's error class, ``BadRequest`` for
+    some request checks)."""
+    document = {"object": "error", "message": message, "type": kind}
     return Refusal(status, {**document, "param": None, "code": status})
 
 
@@ -433,5 +434,6 @@ def error_shape(document: Any, status: int) -> str | None:
     if keys == {"object", "message", "type", "param", "code"} and document["code"] == status:
         if document["object"] != "error" or not isinstance(document["message"], str):
             return None
-        return {"Bad Request": "validation", "BadRequestError": "openai"}.get(document["type"])
+        kinds = {"Bad Request": "validation", "BadRequestError": "openai", "BadRequest": "openai"}
+        return kinds.get(document["type"])
     return None

@@ -109,7 +109,7 @@ def _new_job(
     if n is not None and n != 1:
         raise openai_error("only n=1 is supported by the simulator")
     if ctx.meta_info and _field(body, "stream", bool, "bool"):
-        raise openai_error(NO_STREAMED_META)
+        raise openai_error(NO_STREAMED_META, kind="BadRequest")
     rid = _field(body, "rid", str, "string")
     sp = _sampling(body, default_max)
     worker.check_prompt(prompt, sp["max_new_tokens"], openai_error)
@@ -183,10 +183,16 @@ def _answer(
     }
 
 
-async def _end_stream(sse: SSE, job: Job, ctx: _Ctx, head: dict[str, Any]) -> None:
-    """The usage chunk (``stream_options.include_usage``), then ``[DONE]``."""
+async def _end_stream(
+    sse: SSE, job: Job, ctx: _Ctx, head: dict[str, Any], *, drop_nulls: bool = False
+) -> None:
+    """The usage chunk (``stream_options.include_usage``), then ``[DONE]``. SGLang leaves
+    the null details out of a streamed completion's usage (``drop_nulls``)."""
     if ctx.include_usage:
-        await sse.event(orjson.dumps({**head, "choices": [], "usage": _usage(job)}))
+        usage = _usage(job)
+        if drop_nulls:
+            usage = {k: v for k, v in usage.items() if v is not None}
+        await sse.event(orjson.dumps({**head, "choices": [], "usage": usage}))
     await sse.done(job)
 
 
@@ -466,7 +472,7 @@ async def _completion_stream(worker: SimWorker, send: Send, job: Job, ctx: _Ctx)
         await worker.decode(job, on_token)
         if not finished:
             await sse.event(chunk("", None))
-        await _end_stream(sse, job, ctx, head)
+        await _end_stream(sse, job, ctx, head, drop_nulls=True)
     except Dropped:
         return
 

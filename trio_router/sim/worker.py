@@ -639,8 +639,7 @@ class SimWorker:
             if isinstance(path, str):
                 error = {"type": "string_type", "loc": ("body", "weight_version")}
             raise validation_error([error])
-        known = path in (self.weights_path, self.config.model_path)
-        if not known and not await trio.Path(path).is_dir():
+        if not await _has_weights(path, (self.weights_path, self.config.model_path)):
             message = (
                 f"Failed to get weights iterator: Cannot find any model weights with `{path}`."
             )
@@ -668,6 +667,17 @@ class SimWorker:
 
     async def _sim_stats(self, receive: Receive, send: Send, raw: bytes) -> None:
         await send_bytes(send, 200, orjson.dumps(self.stats.to_json()))
+
+
+async def _has_weights(path: str, served: tuple[str, ...]) -> bool:
+    """Whether SGLang would find weights at ``path``: the served model, or a directory with
+    ``*.safetensors`` or ``*.bin`` files (the simulator reads none of them)."""
+    if path in served:
+        return True
+    directory = trio.Path(path)
+    if not await directory.is_dir():
+        return False
+    return any(p.suffix in (".safetensors", ".bin") for p in await directory.iterdir())
 
 
 def _int(body: Mapping[str, Any], key: str, default: int) -> int:
