@@ -919,11 +919,12 @@ def r3_prompt(size: int, new_tokens: int) -> tuple[list[int], int]:
     """Prompt ids whose R3 payload is >= ``size`` base64 bytes, and that payload's length.
 
     One token's routed experts are 4 layers x 2 experts x int32 = 32 bytes, i.e. 128/3 base64
-    characters; ids 1..250 are plain byte tokens of the bytes tokenizer.
+    characters, for every token but the last (as SGLang); ids 1..250 are plain byte tokens of
+    the bytes tokenizer.
     """
-    tokens = -(-size * 3 // 128)
+    tokens = -(-size * 3 // 128) + 1
     n = max(1, tokens - new_tokens)
-    expected = 4 * -(-(32 * (n + new_tokens)) // 3)
+    expected = 4 * -(-(32 * (n + new_tokens - 1)) // 3)
     return [(i * 37 + 11) % 250 + 1 for i in range(n)], expected
 
 
@@ -1716,6 +1717,7 @@ def sim_worker_main(argv: Sequence[str]) -> int:
         weight_version=args.weight_version,
         latency_per_token_ms=args.latency_per_token_ms,
         tokenizer="bytes",
+        context_length=1 << 26,  # the R3 prompts are millions of byte tokens
     )
     sim = SimWorker(config, ByteTokenizer())
     app: Any = FlagCounter(sim) if args.count_r3 else sim

@@ -449,7 +449,7 @@ def tee_json_results(worker: SimWorkerHandle) -> list[bytes]:
     """Record the body bytes the simulated worker sends for non-streamed generations."""
     sent: list[bytes] = []
     app: Any = worker.app
-    original = app._send_json_result
+    original = app.send_json_result
 
     async def recording(send: Any, job: Any, payload: Any) -> None:
         async def tee(message: dict[str, Any]) -> None:
@@ -459,7 +459,7 @@ def tee_json_results(worker: SimWorkerHandle) -> list[bytes]:
 
         await original(tee, job, payload)
 
-    app._send_json_result = recording
+    app.send_json_result = recording
     return sent
 
 

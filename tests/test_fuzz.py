@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import hypothesis
@@ -24,7 +24,8 @@ import trio
 from hypothesis import strategies as st
 
 from trio_router.router import Router
-from trio_router.security import BROADCAST_PATHS
+from trio_router.security import BROADCAST_PATHS, DEFAULT_RELAYED
+from trio_router.sim.contract import error_shape
 
 from .conftest import start_router, start_scripted, start_worker
 from .test_proxy import free_port, wait_until
@@ -294,7 +295,8 @@ class Checker:
         if status >= 500:
             self.problems.append(f"{what}: {status} {response.text[:300]}")
         elif status >= 400:
-            if method != "HEAD" and not well_formed_error(response):
+            relayed = relayed_unchanged(method, url) and sglang_refusal(response)
+            if method != "HEAD" and not relayed and not well_formed_error(response):
                 self.problems.append(f"{what}: malformed {status} error {response.text[:300]}")
             after = snapshot(self.router)
             if after != before:
@@ -308,6 +310,30 @@ class Checker:
         # the inputs must reach both sides of the validation to mean anything
         assert successes >= least_successes, self.statuses
         assert rejections >= least_successes, self.statuses
+
+
+#: what the router's OpenAI front end answers itself (the rest of DEFAULT_RELAYED is relayed)
+ANSWERED_BY_THE_ROUTER = {
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+}
+
+
+def relayed_unchanged(method: str, url: str) -> bool:
+    """Whether the router passes a worker's answer to ``method url`` on as it is (SGLang's
+    error documents included)."""
+    path = urlsplit(url).path
+    relayed = any(path == p or (p.endswith("/") and path.startswith(p)) for p in DEFAULT_RELAYED)
+    return relayed and (method, path) not in ANSWERED_BY_THE_ROUTER
+
+
+def sglang_refusal(response: httpx.Response) -> bool:
+    """Whether the answer is one of SGLang's error documents (see sim/contract.py)."""
+    try:
+        return error_shape(response.json(), response.status_code) is not None
+    except ValueError:
+        return False
 
 
 def well_formed_error(response: httpx.Response) -> bool:
@@ -889,7 +915,7 @@ async def test_a_failure_of_one_of_n_samples_keeps_its_status(nursery, client, q
     # found by this fuzzer (an ExceptionGroup from the samples' nursery was a 500), fixed
     worker, running = await fuzz_router(nursery, qwen3)
     # an extension field the router passes on unchecked and the worker refuses
-    body: dict[str, Any] = {"n": 3, "max_tokens": 4, "return_routed_experts": "yes"}
+    body: dict[str, Any] = {"n": 3, "max_tokens": 4, "return_text_in_logprobs": "yes"}
     if path == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": "hi"}]
     else:
@@ -898,7 +924,7 @@ async def test_a_failure_of_one_of_n_samples_keeps_its_status(nursery, client, q
         refused = await client.post(running.url + path, json=body)
         worker.app.faults.fail_status = 503
         failed = await client.post(
-            running.url + path, json={**body, "return_routed_experts": False}
+            running.url + path, json={**body, "return_text_in_logprobs": False}
         )
     assert refused.status_code == 400  # the worker's refusal
     assert failed.status_code == 502  # the worker's failure

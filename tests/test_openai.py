@@ -626,6 +626,20 @@ async def test_an_engine_error_inside_a_stream_is_passed_on_as_an_error_event(
     assert recorded(running) == before
 
 
+async def test_an_engine_error_inside_a_stream_from_the_simulated_worker(nursery, qwen3):
+    _worker, running = await openai_router(nursery, qwen3)
+    long = {"role": "user", "content": "word " * 9000}  # past the worker's 8192-token context
+    with trio.fail_after(30):
+        events = await stream_events(
+            running.url + "/v1/chat/completions",
+            {"messages": [long], "max_tokens": 2, "stream": True},
+        )
+    (error,) = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    assert "is longer than the model's context length (8192 tokens)" in error["message"]
+    assert error["code"] == 400
+    assert events[-1] == "[DONE]"
+
+
 async def test_an_engine_schema_error_is_passed_on_as_its_message(nursery, qwen3):
     upstream, url = await start_scripted(nursery)
     refusal = {"error": "unknown field `bogus`, expected one of `max_new_tokens`, `stop`"}

@@ -160,8 +160,9 @@ async def test_worker_control_calls_are_admin_broadcasts_with_per_worker_results
         refused = await client.post(
             running.url + "/update_weights_from_disk", json={"model_path": "m"}
         )
+        update = {"model_path": "trio-router/sim", "weight_version": "v1"}
         done = await client.post(
-            running.url + "/update_weights_from_disk", json={"model_path": "m"}, headers=admin
+            running.url + "/update_weights_from_disk", json=update, headers=admin
         )
         aborted = await client.post(
             running.url + "/abort_request", json={"abort_all": True}, headers=admin

@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import orjson
 import pytest
@@ -14,6 +15,7 @@ from safetensors.numpy import load as load_safetensors
 
 from trio_router.errors import BadRequest, NotFound, Overloaded, Unauthorized
 from trio_router.sessions import SessionTable, delta_text
+from trio_router.sim.generation import routed_experts
 
 from .conftest import start_router, start_scripted, start_worker
 from .scripted import Script
@@ -276,7 +278,9 @@ async def test_streaming_and_plain_turns_give_the_same_content_and_records(nurse
     assert events[-1]["usage"] == plain["usage"]
     last_choice = events[-2]["choices"][0]
     assert last_choice["finish_reason"] == plain["choices"][0]["finish_reason"]
-    assert last_choice["meta_info"].keys() == plain["choices"][0]["meta_info"].keys()
+    # SGLang stamps response_sent_to_client_ts on the first event of a stream only
+    streamed_keys = last_choice["meta_info"].keys() | {"response_sent_to_client_ts"}
+    assert streamed_keys == plain["choices"][0]["meta_info"].keys()
 
 
 async def test_samples_export_json_and_safetensors_with_truncation_and_r3(nursery, client, qwen3):
@@ -307,16 +311,26 @@ async def test_samples_export_json_and_safetensors_with_truncation_and_r3(nurser
     assert full["loss_mask"] == info["metadata"]["loss_mask"]
     assert set(full["weight_versions"]) == {None, "v0"}
     assert full["status"] in ("completed", "truncated")
-    assert full["routed_experts_rows"] == len(ids)
-    assert len(base64.b64decode(full["routed_experts"])) == len(ids) * 4 * 2 * 4
+    # SGLang's R3 rows: one per token but the last, which no forward pass consumed
+    assert full["routed_experts_rows"] == len(ids) - 1
+    assert base64.b64decode(full["routed_experts"]) == routed_experts(ids[:-1])
+    assert slime_r3(full).shape == (len(ids) - 1, 4, 2)
     assert cut["tokens"] == ids[:first_end]
     assert cut["status"] == "truncated"
-    assert cut["routed_experts_rows"] == first_end
+    assert cut["routed_experts_rows"] == first_end - 1
+    assert base64.b64decode(cut["routed_experts"]) == routed_experts(ids[: first_end - 1])
+    assert slime_r3(cut).shape == (first_end - 1, 4, 2)
     tensors = load_safetensors(binary.content)
     assert tensors["tokens"].tolist() == ids
     assert tensors["loss_mask"].tolist() == full["loss_mask"]
-    assert tensors["routed_experts"].shape == (len(ids), 8)
+    assert tensors["routed_experts"].shape == (len(ids) - 1, 8)
     assert too_short.status_code == 400
+
+
+def slime_r3(sample: dict[str, Any], layers: int = 4, top_k: int = 2) -> Any:
+    """A sample's routed experts decoded the way slime reads SGLang's ``meta_info``."""
+    raw = np.frombuffer(base64.b64decode(sample["routed_experts"]), dtype=np.int32)
+    return raw.reshape(len(sample["tokens"]) - 1, layers, top_k)
 
 
 async def test_session_tokens_are_required_when_configured(nursery, client, qwen3):
@@ -483,3 +497,32 @@ async def test_an_engine_error_inside_a_streamed_turn_is_passed_on_and_changes_n
     ]
     assert lines[-1] == "[DONE]"
     assert after == before
+
+
+async def test_r3_rows_are_read_as_sglang_sends_them_when_their_width_is_ambiguous(
+    nursery, client, qwen3
+):
+    # SGLang sends len(prompt + output) - 1 rows; when the row width is a multiple of the
+    # token count, the byte size alone fits len(prompt + output) rows of another width too
+    upstream, url = await start_scripted(nursery)
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    messages = [SYSTEM, {"role": "user", "content": "Hi"}]
+    output = [*qwen3.encode(" ok"), EOS]
+    upstream.script = Script(chunks=[scripted(qwen3, output)])
+    with trio.fail_after(30):
+        probe = await open_session(client, running.url)
+        await turn(client, running.url, probe, messages)
+        tokens = len(orjson.loads(upstream.seen[-1].body)["input_ids"]) + len(output)
+        layers, top_k = tokens, 1  # a row of `tokens` experts: the ambiguous width
+        rows = np.arange((tokens - 1) * layers * top_k, dtype="<i4")
+        r3 = base64.b64encode(rows.tobytes()).decode()
+        upstream.script = Script(chunks=[scripted(qwen3, output, routed_experts=r3)])
+        sid = await open_session(client, running.url)
+        await turn(client, running.url, sid, messages, return_routed_experts=True)
+        sample = (await client.post(f"{running.url}/sessions/{sid}/samples")).json()
+    assert len(sample["tokens"]) == tokens
+    assert sample["routed_experts_rows"] == tokens - 1
+    decoded = slime_r3(sample, layers, top_k)
+    assert decoded.reshape(-1).tolist() == rows.tolist()

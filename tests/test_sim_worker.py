@@ -6,9 +6,11 @@ import base64
 import sys
 from array import array
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 import trio
@@ -73,6 +75,11 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
 async def settled(handle: SimWorkerHandle) -> None:
     """Wait until the worker has no generation in progress (handlers finish after replying)."""
     await wait_until(lambda: handle.app.stats.active == 0)
+
+
+def generated(handle: SimWorkerHandle) -> int:
+    """Tokens generated so far by the worker's generations in flight."""
+    return sum(len(job.dec.output_ids) for job in handle.app.jobs.values())
 
 
 async def call_app(app: SimWorker, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
@@ -242,32 +249,129 @@ async def test_generate_logprobs_and_eos(client: httpx.AsyncClient) -> None:
             assert text is None
             assert -5 < lp < 0
 
-        params = {"skip_special_tokens": False}
+        # SGLang trims the matched stop token from the text, special or not, unless told
+        params: dict[str, Any] = {"skip_special_tokens": False}
         raw = await client.post("/generate", json={"text": prompt, "sampling_params": params})
-        assert raw.json()["text"].endswith("<|im_end|>")
+        assert raw.json()["text"] == out["text"]
+        params["no_stop_trim"] = True
+        kept = await client.post("/generate", json={"text": prompt, "sampling_params": params})
+        assert kept.json()["text"] == out["text"] + "<|im_end|>"
+        word = out["output_ids"][0]  # a plain token as a stop token is trimmed too
+        params = {"stop_token_ids": [word], "ignore_eos": True}
+        cut = await client.post("/generate", json={"text": prompt, "sampling_params": params})
+        assert cut.json()["output_ids"] == [word]
+        assert cut.json()["text"] == ""
+        assert cut.json()["meta_info"]["finish_reason"] == {"type": "stop", "matched": word}
 
 
-async def test_generate_validation(client: httpx.AsyncClient) -> None:
+async def test_generate_refusals_have_sglang_s_three_shapes(client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
-        bad: list[Any] = [
-            {},
-            {"text": "a", "input_ids": [1]},
-            {"text": ["a", "b"]},
-            {"input_ids": [[1], [2]]},
-            {"input_ids": [TOK.vocab_size]},
-            {"text": "a", "sampling_params": {"max_new_tokens": "x"}},
-            {"text": "a", "sampling_params": {"stop": 3}},
-            [1, 2],
+        unknown = await client.post(
+            "/generate", json={"text": "a", "sampling_params": {"bogus": 1}}
+        )
+        assert unknown.status_code == 400
+        assert unknown.json()["error"].startswith(
+            "unknown field `bogus`, expected one of `max_new_tokens`, `stop`, `stop_token_ids`"
+        )
+        schema = [  # SGLang's JSON contract: {"error": "<serde message>"}
+            ({"text": "a", "sampling_params": {"max_new_tokens": "x"}}, 'string "x", expected i64'),
+            ({"text": "a", "stream": "yes"}, 'invalid type: string "yes", expected a boolean'),
+            ({"text": "a", "sampling_params": {"stop": 3}}, "values for StringOrList"),
+            ({"text": "a", "return_logprob": 1}, "integer `1`, expected a value or an array"),
+            ({"text": "a", "stream": True, "sampling_params": {"n": "2"}}, "expected i64"),
         ]
-        for body in bad:
+        for body, message in schema:
             r = await client.post("/generate", json=body)
             assert r.status_code == 400, body
-            assert r.json()["error"]["type"] == "invalid_request_error"
-        r = await client.post(
-            "/generate", content=b"{nope", headers={"content-type": "application/json"}
-        )
-        assert r.status_code == 400
-        assert "invalid JSON" in r.json()["error"]["message"]
+            assert message in r.json()["error"], body
+        pydantic: list[Any] = [
+            [1, 2],
+            {"text": 5},
+            {"input_ids": ["a"]},
+            {"text": "a", "sampling_params": 3},
+        ]
+        for body in pydantic:  # FastAPI's validation document
+            r = await client.post("/generate", json=body)
+            assert r.status_code == 400, body
+            assert r.json().keys() == {"object", "message", "type", "param", "code"}
+            assert (r.json()["type"], r.json()["code"]) == ("Bad Request", 400)
+        for raw in (b"{nope", b""):
+            r = await client.post(
+                "/generate", content=raw, headers={"content-type": "application/json"}
+            )
+            assert (r.status_code, r.json()["type"]) == (400, "Bad Request")
+        refused = [  # the tokenizer manager's ValueError: {"error": {"message": ...}}
+            ({}, "Either text, input_ids or input_embeds should be provided."),
+            (
+                {"text": "a", "sampling_params": {"max_new_tokens": -1}},
+                "max_new_tokens must be at least 0, got -1.",
+            ),
+            (
+                {"text": "a", "sampling_params": {"temperature": -1}},
+                "temperature must be a non-negative finite number, got -1.",
+            ),
+            ({"input_ids": []}, "input_ids cannot be empty."),
+            (
+                {"input_ids": [TOK.vocab_size]},
+                f"token id {TOK.vocab_size} is outside the vocabulary [0, {TOK.vocab_size})",
+            ),
+            ({"text": ["a", "b"]}, "batch requests are not supported by the simulator"),
+            ({"input_ids": [[1], [2]]}, "batch requests are not supported by the simulator"),
+            (
+                {"text": "abc", "return_logprob": True, "logprob_start_len": 4},
+                "req.logprob_start_len=4 is higher than the number of input tokens "
+                "len(req.origin_input_ids)=3. Please use a smaller logprob_start_len.",
+            ),
+        ]
+        for body, message in refused:
+            r = await client.post("/generate", json=body)
+            assert r.status_code == 400, body
+            assert r.json() == {"error": {"message": message}}
+            # once a stream has begun SGLang reports it as an event, then [DONE]
+            async with client.stream("POST", "/generate", json={**body, "stream": True}) as s:
+                assert s.status_code == 200
+                assert s.headers["content-type"] == "text/event-stream; charset=utf-8"
+                events = await sse_events(s)
+            error = {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": 400,
+                "retryable": False,
+            }
+            assert events == [{"error": error}, "[DONE]"]
+        both = {"text": "abc", "input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}
+        out = (await client.post("/generate", json=both)).json()
+        assert out["meta_info"]["prompt_tokens"] == 2  # input_ids win, as in SGLang
+        top_unknown = {"text": "a", "bogus": 1, "sampling_params": {"max_new_tokens": 1}}
+        assert (await client.post("/generate", json=top_unknown)).status_code == 200
+
+
+async def test_a_prompt_must_fit_the_context(nursery: trio.Nursery) -> None:
+    handle = await start(nursery, context_length=32)
+    async with httpx.AsyncClient(base_url=handle.url) as client:
+        with trio.fail_after(10):
+            long = await client.post("/generate", json={"input_ids": [65] * 32})
+            total = await client.post(
+                "/generate", json={"input_ids": [65] * 31, "sampling_params": {"max_new_tokens": 2}}
+            )
+            fits = await client.post(
+                "/generate", json={"input_ids": [65] * 31, "sampling_params": {"max_new_tokens": 1}}
+            )
+            chat = await client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 40}]}
+            )
+    assert long.status_code == 400
+    too_long = "The input (32 tokens) is longer than the model's context length (32 tokens)."
+    assert long.json() == {"error": {"message": too_long}}
+    assert total.status_code == 400
+    assert total.json()["error"]["message"].startswith(
+        "Requested token count exceeds the model's maximum context length of 32 tokens. "
+        "You requested a total of 33 tokens: 31 tokens from the input messages and 2 tokens"
+    )
+    assert fits.status_code == 200
+    assert chat.status_code == 400
+    assert chat.json()["type"] == "BadRequestError"
+    assert "is longer than the model's context length (32 tokens)" in chat.json()["message"]
 
 
 async def test_stop_strings_are_trimmed(client: httpx.AsyncClient) -> None:
@@ -287,15 +391,94 @@ async def test_stop_strings_are_trimmed(client: httpx.AsyncClient) -> None:
         assert TOK.decode(out["output_ids"]).startswith(out["text"] + stop)
 
 
-async def test_routed_experts(client: httpx.AsyncClient) -> None:
+async def test_routed_experts_have_a_row_per_token_but_the_last(client: httpx.AsyncClient) -> None:
+    # SGLang: rows for positions [routed_experts_start_len, len(prompt + output) - 1)
     with trio.fail_after(10):
-        body = {"text": "moe", "return_routed_experts": True}
+        body: dict[str, Any] = {"text": "moe", "return_routed_experts": True}
         out = (await client.post("/generate", json=body)).json()
-        meta = out["meta_info"]
-        n = meta["prompt_tokens"] + meta["completion_tokens"]
-        raw = base64.b64decode(meta["routed_experts"])
-        assert len(raw) == n * 4 * 2 * 4
-        assert raw == routed_experts(TOK.encode("moe") + out["output_ids"])
+        tail = {**body, "routed_experts_start_len": 2}
+        later = (await client.post("/generate", json=tail)).json()
+        plain = (await client.post("/generate", json={"text": "moe"})).json()
+    meta = out["meta_info"]
+    tokens = TOK.encode("moe") + out["output_ids"]
+    raw = base64.b64decode(meta["routed_experts"])
+    assert len(raw) == (len(tokens) - 1) * 4 * 2 * 4
+    assert raw == routed_experts(tokens[:-1])
+    # slime decodes it as reshape(len(tokens) - 1, layers, top_k)
+    rows = np.frombuffer(raw, dtype="<i4").reshape(len(tokens) - 1, 4, 2)
+    assert rows.shape[0] == len(tokens) - 1
+    assert base64.b64decode(later["meta_info"]["routed_experts"]) == raw[2 * 4 * 2 * 4 :]
+    assert list(meta).index("routed_experts") == list(meta).index("dp_rank") - 1
+    assert "routed_experts" not in plain["meta_info"]
+
+
+META_KEYS = ["id", "finish_reason", "prompt_tokens", "weight_version", "num_retractions"]
+META_TAIL = ["reasoning_tokens", "completion_tokens", "cached_tokens", "weight_versions"]
+META_END = ["cached_tokens_details", "dp_rank", "e2e_latency", "response_sent_to_client_ts"]
+LOGPROB_KEYS = ["input_token_logprobs", "output_token_logprobs", "output_token_logprobs_length"]
+
+
+async def test_meta_info_has_sglang_s_keys_in_its_order(client: httpx.AsyncClient) -> None:
+    prompt = "keys and order"
+    params = {"max_new_tokens": 4, "ignore_eos": True}
+    with trio.fail_after(10):
+        plain = (
+            await client.post("/generate", json={"text": prompt, "sampling_params": params})
+        ).json()
+        lp = {"text": prompt, "sampling_params": params, "return_logprob": True}
+        with_lp = (await client.post("/generate", json=lp)).json()
+        top = {**lp, "top_logprobs_num": 2, "logprob_start_len": 3, "return_text_in_logprobs": True}
+        with_top = (await client.post("/generate", json=top)).json()
+    meta = plain["meta_info"]
+    assert list(meta) == META_KEYS + META_TAIL + META_END
+    assert (meta["num_retractions"], meta["reasoning_tokens"], meta["dp_rank"]) == (0, 0, None)
+    assert meta["weight_versions"] == [{"version": "v0", "start": 0, "end": 4}]
+    assert meta["cached_tokens"] == 0
+    assert meta["cached_tokens_details"] is None
+    assert list(with_lp["meta_info"]) == META_KEYS + LOGPROB_KEYS + META_TAIL + META_END
+    assert with_lp["meta_info"]["input_token_logprobs"] == []  # logprob_start_len -1
+    assert with_lp["meta_info"]["output_token_logprobs_length"] == 4
+    meta = with_top["meta_info"]
+    tops = ["input_top_logprobs", "output_top_logprobs"]
+    assert list(meta) == META_KEYS + LOGPROB_KEYS + tops + META_TAIL + META_END
+    ids = TOK.encode(prompt)
+    entries = meta["input_token_logprobs"]
+    assert [e[1] for e in entries] == ids[3:]
+    assert entries[0][0] is None
+    assert all(-5 < e[0] < 0 for e in entries[1:])
+    assert [e[2] for e in entries] == [TOK.decode([i]) for i in ids[3:]]
+    assert meta["input_top_logprobs"][0] is None
+    assert all(len(t) == 2 for t in meta["input_top_logprobs"][1:] + meta["output_top_logprobs"])
+    for entry, alternatives in zip(
+        meta["output_token_logprobs"], meta["output_top_logprobs"], strict=True
+    ):
+        assert alternatives[0] == entry  # the sampled token is the most likely one
+        assert alternatives[1][0] < entry[0]
+    # the prefix cache now holds the prompt, but SGLang recomputes what it reports logprobs for
+    assert meta["cached_tokens"] <= 3
+
+
+async def test_weight_versions_span_an_update_during_generation(nursery: trio.Nursery) -> None:
+    handle = await start(nursery, latency_per_token_ms=5)
+    body = {"text": "spans", "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}
+    result: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=handle.url) as client:
+
+        async def run() -> None:
+            result.update((await client.post("/generate", json=body)).json())
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(run)
+                await wait_until(lambda: generated(handle) >= 5)
+                update = {"model_path": "trio-router/sim", "weight_version": "v1"}
+                updated = await client.post("/update_weights_from_disk", json=update)
+    assert updated.status_code == 200
+    meta = result["meta_info"]
+    (old, new) = meta["weight_versions"]
+    assert (old["version"], old["start"], new["version"], new["end"]) == ("v0", 0, "v1", 40)
+    assert old["end"] == new["start"] >= 5
+    assert meta["weight_version"] == "v1"
 
 
 async def test_generate_stream_is_cumulative_and_incremental(nursery: trio.Nursery) -> None:
@@ -307,7 +490,7 @@ async def test_generate_stream_is_cumulative_and_incremental(nursery: trio.Nurse
             events: list[Any] = []
             stream_body = {**body, "stream": True, "return_logprob": True}
             async with client.stream("POST", "/generate", json=stream_body) as r:
-                assert r.headers["content-type"] == "text/event-stream"
+                assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
                 async for line in r.aiter_lines():
                     if not line:
                         continue
@@ -330,6 +513,14 @@ async def test_generate_stream_is_cumulative_and_incremental(nursery: trio.Nurse
         assert (ev["meta_info"]["finish_reason"] is None) == (i < 7)
     assert data[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
     assert data[-1]["text"] == expected["text"]
+    # as in SGLang: the first event says when it was sent, the last one carries the spans
+    first, middle, last = (ev["meta_info"] for ev in (data[0], data[3], data[-1]))
+    assert "response_sent_to_client_ts" in first
+    assert "response_sent_to_client_ts" not in middle
+    assert "weight_versions" not in middle
+    assert "e2e_latency" not in middle
+    assert last["weight_versions"] == [{"version": "v0", "start": 0, "end": 8}]
+    assert "e2e_latency" in last
     assert handle.app.stats.completed == 2
 
 
@@ -338,41 +529,82 @@ async def test_generate_stream_is_cumulative_and_incremental(nursery: trio.Nurse
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
 
 
+USAGE_KEYS = [
+    "prompt_tokens",
+    "total_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "reasoning_tokens",
+    "completion_tokens_details",
+]
+
+
 async def test_chat_completion(client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
-        r = await client.post("/v1/chat/completions", json={**CHAT, "logprobs": True})
-        out = r.json()
+        body = {**CHAT, "logprobs": True, "top_logprobs": 1, "return_meta_info": True}
+        out = (await client.post("/v1/chat/completions", json=body)).json()
+        assert list(out) == ["id", "object", "created", "model", "choices", "usage", "metadata"]
         assert out["object"] == "chat.completion"
-        assert out["id"].startswith("chatcmpl-")
         assert isinstance(out["created"], int)
         assert out["model"] == "m"
         (choice,) = out["choices"]
         meta = choice["meta_info"]
-        ids = meta["output_ids"]
-        assert choice["message"] == {"role": "assistant", "content": TOK.decode(ids)}
+        assert out["id"] == meta["id"]  # SGLang's request id
+        ids = [entry[1] for entry in meta["output_token_logprobs"]]
+        text = TOK.decode(ids)
+        message = {"role": "assistant", "content": text, "reasoning_content": None}
+        assert choice["message"] == message
         assert choice["finish_reason"] in ("stop", "length")
-        assert meta["completion_tokens"] == len(ids) == len(meta["output_token_logprobs"])
+        assert meta["completion_tokens"] == len(ids)
         assert meta["weight_version"] == "v0"
+        assert out["metadata"] == {
+            "weight_version": "v0",
+            "weight_versions": [{"version": "v0", "start": 0, "end": len(ids)}],
+        }
         content = choice["logprobs"]["content"]
-        assert [c["token"] for c in content] == [
-            TOK.decode([i], skip_special_tokens=False) for i in ids
-        ]
-        assert all(c["bytes"] is None and c["top_logprobs"] == [] for c in content)
+        pieces = [TOK.decode([i], skip_special_tokens=False) for i in ids]
+        assert [c["token"] for c in content] == pieces
+        assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+        assert all([t["token"] for t in c["top_logprobs"]] == [c["token"]] for c in content)
         prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         p = len(TOK.encode(prompt))
-        assert out["usage"] == {
-            "prompt_tokens": p,
-            "completion_tokens": len(ids),
-            "total_tokens": p + len(ids),
-        }
+        assert list(out["usage"]) == USAGE_KEYS
+        assert out["usage"]["prompt_tokens"] == p
+        assert out["usage"]["total_tokens"] == p + len(ids)
         # SGLang's input_ids extension: the same prompt gives the same tokens.
-        r2 = await client.post(
-            "/v1/chat/completions", json={**CHAT, "input_ids": TOK.encode(prompt)}
+        by_ids = {**body, "input_ids": TOK.encode(prompt)}
+        r2 = (await client.post("/v1/chat/completions", json=by_ids)).json()
+        assert (
+            r2["choices"][0]["meta_info"]["output_token_logprobs"] == meta["output_token_logprobs"]
         )
-        assert r2.json()["choices"][0]["meta_info"]["output_ids"] == ids
-        assert (await client.post("/v1/chat/completions", json={**CHAT, "n": 2})).status_code == 400
-        bad = await client.post("/v1/chat/completions", json={"messages": []})
-        assert bad.status_code == 400
+        # like SGLang, meta_info only when asked for, and never in a stream
+        bare = (await client.post("/v1/chat/completions", json=CHAT)).json()
+        assert "meta_info" not in bare["choices"][0]
+        assert bare["choices"][0]["logprobs"] is None
+        streamed_meta = {**CHAT, "stream": True, "return_meta_info": True}
+        refused = await client.post("/v1/chat/completions", json=streamed_meta)
+        assert refused.status_code == 400
+        assert refused.json()["message"].startswith(
+            "return_meta_info is not supported with streaming"
+        )
+        n2 = await client.post("/v1/chat/completions", json={**CHAT, "n": 2})
+        assert (n2.status_code, n2.json()["type"]) == (400, "BadRequestError")
+        empty = await client.post("/v1/chat/completions", json={"messages": []})
+        assert empty.json() == {
+            "object": "error",
+            "message": "Messages cannot be empty.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+        missing = await client.post("/v1/chat/completions", json={"max_tokens": 1})
+        assert (missing.status_code, missing.json()["type"]) == (400, "Bad Request")
+        negative = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": -1})
+        assert negative.json()["message"] == "max_new_tokens must be at least 0, got -1."
+        default = (
+            await client.post("/v1/chat/completions", json={"messages": CHAT["messages"]})
+        ).json()
+        assert default["model"] == "default"
 
 
 async def test_chat_stream(client: httpx.AsyncClient) -> None:
@@ -380,96 +612,147 @@ async def test_chat_stream(client: httpx.AsyncClient) -> None:
         full = (await client.post("/v1/chat/completions", json=CHAT)).json()["choices"][0]
         body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
             events = await sse_events(r)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
-    n = len(full["meta_info"]["output_ids"])
-    token_chunks = chunks[1 : 1 + n]
-    assert (
-        "".join(c["choices"][0]["delta"]["content"] for c in token_chunks)
-        == (full["message"]["content"])
-    )
+    first = chunks[0]["choices"][0]
+    assert first["delta"] == {"reasoning_content": None, "role": "assistant", "content": ""}
+    assert list(first) == ["index", "delta", "logprobs", "finish_reason", "matched_stop"]
+    token_chunks = chunks[1:-2]
+    text = "".join(c["choices"][0]["delta"]["content"] for c in token_chunks)
+    assert text == full["message"]["content"]
     assert all(c["choices"][0]["finish_reason"] is None for c in token_chunks)
-    final = chunks[1 + n]["choices"][0]
-    assert final["delta"] == {}
+    final = chunks[-2]["choices"][0]
+    assert final["delta"] == {"reasoning_content": None}
     assert final["finish_reason"] == full["finish_reason"]
-    assert final["meta_info"]["output_ids"] == full["meta_info"]["output_ids"]
-    usage = chunks[2 + n]
+    assert "meta_info" not in final
+    usage = chunks[-1]
     assert usage["choices"] == []
-    assert usage["usage"]["completion_tokens"] == n
-    assert len(chunks) == n + 3
+    assert usage["usage"] == full_usage(full, len(token_chunks))
+
+
+def full_usage(choice: dict[str, Any], completion: int) -> dict[str, Any]:
+    prompt = len(TOK.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"))
+    return {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": None,
+        "reasoning_tokens": 0,
+        "completion_tokens_details": None,
+    }
 
 
 async def test_chat_tool_call(client: httpx.AsyncClient) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     messages = [{"role": "user", "content": [{"type": "text", "text": "What's the Weather?"}]}]
-    body = {"messages": messages, "tools": tools, "max_tokens": 4}
+    body = {"messages": messages, "tools": tools, "max_tokens": 4, "return_meta_info": True}
     with trio.fail_after(10):
         out = (await client.post("/v1/chat/completions", json=body)).json()
         choice = out["choices"][0]
         assert choice["finish_reason"] == "tool_calls"
-        assert choice["message"]["content"] is None
+        assert choice["message"]["content"] == ""  # SGLang: never null
         (call,) = choice["message"]["tool_calls"]
         assert call["id"].startswith("call_")
         assert call["type"] == "function"
         assert call["index"] == 0
         assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-        assert choice["meta_info"]["completion_tokens"] == len(choice["meta_info"]["output_ids"])
+        assert choice["meta_info"]["completion_tokens"] >= 1
 
-        async with client.stream(
-            "POST", "/v1/chat/completions", json={**body, "stream": True}
-        ) as r:
+        streamed = {**body, "stream": True, "return_meta_info": False}
+        async with client.stream("POST", "/v1/chat/completions", json=streamed) as r:
             events = await sse_events(r)
         deltas = [e["choices"][0]["delta"] for e in events[:-1]]
-        assert deltas[0] == {"role": "assistant"}
+        assert deltas[0]["role"] == "assistant"
         assert deltas[1]["tool_calls"][0]["function"]["name"] == "get_weather"
         assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
         plain = {**body, "messages": [{"role": "user", "content": "hello"}]}
         out = (await client.post("/v1/chat/completions", json=plain)).json()
-        assert out["choices"][0]["message"]["content"] is not None
+        assert "tool_calls" not in out["choices"][0]["message"]
 
 
 async def test_completions(client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
-        body = {"model": "m", "prompt": "Once upon", "max_tokens": 5, "logprobs": 0}
+        body = {"model": "m", "prompt": "Once upon", "max_tokens": 5, "logprobs": 1}
         out = (await client.post("/v1/completions", json=body)).json()
         assert out["object"] == "text_completion"
-        assert out["id"].startswith("cmpl-")
+        assert list(out) == ["id", "object", "created", "model", "choices", "usage", "metadata"]
         choice = out["choices"][0]
-        ids = choice["meta_info"]["output_ids"]
-        assert choice["text"] == TOK.decode(ids)
-        assert len(choice["logprobs"]["token_logprobs"]) == len(ids)
+        assert list(choice) == ["index", "text", "logprobs", "finish_reason", "matched_stop"]
+        logprobs = choice["logprobs"]
+        assert list(logprobs) == ["text_offset", "token_logprobs", "tokens", "top_logprobs"]
+        assert "".join(logprobs["tokens"]) == choice["text"] or choice["finish_reason"] == "stop"
+        n = out["usage"]["completion_tokens"]
+        assert logprobs["text_offset"] == [-1] * n
+        assert [list(t) for t in logprobs["top_logprobs"]] == [[t] for t in logprobs["tokens"]]
         assert out["usage"]["prompt_tokens"] == len(TOK.encode("Once upon"))
         by_ids = {**body, "prompt": TOK.encode("Once upon")}
         again = (await client.post("/v1/completions", json=by_ids)).json()
-        assert again["choices"][0]["meta_info"]["output_ids"] == ids
+        assert again["choices"][0]["text"] == choice["text"]
 
         stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
         async with client.stream("POST", "/v1/completions", json=stream) as r:
             events = await sse_events(r)
         assert events[-1] == "[DONE]"
-        assert "".join(e["choices"][0]["text"] for e in events[:-3]) == choice["text"]
-        assert events[-3]["choices"][0]["finish_reason"] == choice["finish_reason"]
-        assert events[-2]["usage"] == out["usage"]
+        pieces = events[:-2]
+        assert "".join(e["choices"][0]["text"] for e in pieces) == choice["text"]
+        assert all(e["usage"] is None for e in pieces)
+        # the last piece carries the finish reason, as SGLang sends it
+        assert [e["choices"][0]["finish_reason"] for e in pieces][-1] == choice["finish_reason"]
+        # streamed, SGLang leaves the null details out of the usage
+        assert events[-2]["usage"] == {k: v for k, v in out["usage"].items() if v is not None}
         batch = {**body, "prompt": ["a", "b"]}
         assert (await client.post("/v1/completions", json=batch)).status_code == 400
+
+
+MODEL_INFO_KEYS = [
+    "model_path",
+    "served_model_name",
+    "tokenizer_path",
+    "is_generation",
+    "preferred_sampling_params",
+    "weight_version",
+    "load_format",
+    "reasoning_parser",
+    "tool_call_parser",
+    "disaggregation_mode",
+    "has_image_understanding",
+    "has_audio_understanding",
+    "model_type",
+    "architectures",
+    "embedding",
+]
 
 
 async def test_info_endpoints(client: httpx.AsyncClient, worker: SimWorkerHandle) -> None:
     with trio.fail_after(10):
         models = (await client.get("/v1/models")).json()
         assert models["object"] == "list"
-        assert models["data"][0]["id"] == "trio-router/sim"
-        assert models["data"][0]["owned_by"] == "sglang"
+        (model,) = models["data"]
+        assert list(model) == [
+            "id",
+            "object",
+            "created",
+            "owned_by",
+            "root",
+            "parent",
+            "max_model_len",
+        ]
+        assert (model["id"], model["owned_by"], model["max_model_len"]) == (
+            "trio-router/sim",
+            "sglang",
+            8192,
+        )
         for path in ("/get_model_info", "/model_info"):
             info = (await client.get(path)).json()
+            assert list(info) == MODEL_INFO_KEYS
             assert info["is_generation"] is True
             assert info["weight_version"] == "v0"
-            assert info["model_path"] == "trio-router/sim"
+            assert info["model_path"] == info["served_model_name"] == "trio-router/sim"
         for path in ("/get_server_info", "/server_info"):
             info = (await client.get(path)).json()
             assert info["version"] == "sim"
@@ -480,35 +763,67 @@ async def test_info_endpoints(client: httpx.AsyncClient, worker: SimWorkerHandle
         assert "server" in health.headers
         assert "date" in health.headers
         assert (await client.get("/health_generate")).status_code == 200
-        assert (await client.post("/flush_cache")).status_code == 200
-        missing = await client.get("/nope")
-        assert missing.status_code == 404
-        assert missing.json()["error"]["type"] == "not_found_error"
-        assert (await client.get("/generate")).status_code == 405
+        flushed = await client.post("/flush_cache")
+        assert flushed.status_code == 200
+        assert flushed.text.startswith("Cache flushed.\nPlease check backend logs")
+        assert "content-type" not in flushed.headers
+        for path in ("/nope", "/get_weight_version", "/get_load"):  # SGLang 0.5.23 serves neither
+            missing = await client.get(path)
+            assert missing.status_code == 404
+            assert missing.json() == {"detail": "Not Found"}
+        wrong = await client.get("/generate")
+        assert wrong.status_code == 405
+        assert wrong.json() == {"detail": "Method Not Allowed"}
+        assert wrong.headers["allow"] == "POST, PUT"
         stats = (await client.get("/sim/stats")).json()
         assert stats["requests"]["/v1/models"] == 1
         assert stats["requests"]["/nope"] == 1
         assert stats["active"] == 0
 
 
-async def test_update_weights_bumps_version(client: httpx.AsyncClient) -> None:
+async def test_update_weights_keeps_the_version_unless_given(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    def version() -> Any:
+        return client.get("/model_info")
+
     with trio.fail_after(10):
-        r = await client.post("/update_weights_from_disk", json={"model_path": "/ckpt/1"})
-        assert r.json() == {
+        same = await client.post(
+            "/update_weights_from_disk", json={"model_path": "trio-router/sim"}
+        )
+        assert same.json() == {
             "success": True,
             "message": "Succeeded to update model weights.",
-            "weight_version": "v1",
             "num_paused_requests": 0,
         }
-        assert (await client.get("/get_weight_version")).json() == {"weight_version": "v1"}
+        assert (await version()).json()["weight_version"] == "v0"
+        (tmp_path / "model.safetensors").write_bytes(b"")  # where SGLang looks for weights
+        body = {"model_path": str(tmp_path), "weight_version": "step-7"}
+        moved = await client.post("/update_weights_from_disk", json=body)
+        assert moved.json()["message"] == (
+            "Succeeded to update model weights. Weight version updated to step-7."
+        )
+        info = (await version()).json()
+        assert (info["weight_version"], info["model_path"]) == ("step-7", str(tmp_path))
         out = (await client.post("/generate", json={"text": "a"})).json()
-        assert out["meta_info"]["weight_version"] == "v1"
-        body = {"model_path": "/ckpt/2", "weight_version": "step-7"}
-        await client.post("/update_weights_from_disk", json=body)
+        assert out["meta_info"]["weight_version"] == "step-7"
         chat = (await client.post("/v1/chat/completions", json=CHAT)).json()
-        assert chat["choices"][0]["meta_info"]["weight_version"] == "step-7"
-        assert (await client.get("/get_model_info")).json()["model_path"] == "/ckpt/2"
-        assert (await client.post("/update_weights_from_disk", json={})).status_code == 400
+        assert chat["metadata"]["weight_version"] == "step-7"
+        (tmp_path / "empty").mkdir()
+        for missing in (tmp_path / "missing", tmp_path / "empty"):
+            bad = {"model_path": str(missing), "weight_version": "v9"}
+            failed = await client.post("/update_weights_from_disk", json=bad)
+            assert failed.status_code == 400
+            assert failed.json() == {
+                "success": False,
+                "message": "Failed to get weights iterator: Cannot find any model weights with "
+                f"`{missing}`.",
+                "num_paused_requests": 0,
+            }
+        assert (await version()).json()["weight_version"] == "step-7"
+        for wrong in ({}, {"model_path": "trio-router/sim", "weight_version": 5}):
+            refused = await client.post("/update_weights_from_disk", json=wrong)
+            assert (refused.status_code, refused.json()["type"]) == (400, "Bad Request")
 
 
 # ---------------------------------------------------------------- abort, faults, lifecycle
@@ -538,8 +853,12 @@ async def test_abort_request_returns_partial_output(nursery: trio.Nursery) -> No
             await settled(handle)
     for rid in ("slow-1", "slow-2"):
         meta = results[rid]["meta_info"]
-        assert meta["finish_reason"]["type"] == "abort"
-        assert "abort" in meta["finish_reason"]["message"]
+        assert meta["finish_reason"] == {
+            "type": "abort",
+            "message": "Aborted",
+            "status_code": None,
+            "err_type": None,
+        }
         assert 1 <= meta["completion_tokens"] < 1000
         assert len(results[rid]["output_ids"]) == meta["completion_tokens"]
         assert len(meta["output_token_logprobs"]) == meta["completion_tokens"]
@@ -673,6 +992,23 @@ async def test_time_goes_through_trio(autojump_clock: trio.testing.MockClock) ->
         t0 = trio.current_time()
         assert await call_app(app, "GET", "/health") == (200, b"")
         assert trio.current_time() - t0 == pytest.approx(30.0)
+
+
+async def test_health_is_slow_and_503_while_starting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # SGLang's /health runs a one-token generation and waits at least 1 s; 503 while starting
+    app = SimWorker(SimWorkerConfig(health_seconds=1.0, startup_seconds=30.0))
+    with trio.fail_after(100):
+        for path in ("/health", "/health_generate"):
+            t0 = trio.current_time()
+            assert await call_app(app, "GET", path) == (503, b"")
+            assert trio.current_time() == t0
+        await trio.sleep(30)
+        for path in ("/health", "/health_generate"):
+            t0 = trio.current_time()
+            assert await call_app(app, "GET", path) == (200, b"")
+            assert trio.current_time() - t0 == pytest.approx(1.0)
 
 
 async def test_kill_refuses_connections() -> None:

@@ -280,7 +280,8 @@ async def test_a_weight_update_shows_in_versions_and_gc_drops_the_old_ones(nurse
     assert cache is not None
     with trio.fail_after(20):
         old = await generate(client, running.url, "Q1: hello?\nA:")
-        await client.post(worker.url + "/update_weights_from_disk", json={"model_path": "x"})
+        update = {"model_path": "trio-router/sim", "weight_version": "v1"}
+        await client.post(worker.url + "/update_weights_from_disk", json=update)
         new = await generate(client, running.url, "Q2: hello?\nA:")
         fresh = await retrieve(client, running.url, "Q2: hello?\nA:" + new["text"])
         assert set(v for v in fresh["weight_versions"] if v) == {"v1"}
@@ -498,7 +499,8 @@ async def test_an_aborted_generate_is_continued_and_stitched_exactly(nursery, cl
             await wait_until(lambda: worker.app.stats.active == 1)
             await trio.sleep(0.15)  # let a few tokens out, then a weight update aborts it
             await client.post(worker.url + "/abort_request", json={"abort_all": True})
-            await client.post(worker.url + "/update_weights_from_disk", json={"model_path": "m"})
+            update = {"model_path": "trio-router/sim", "weight_version": "v1"}
+            await client.post(worker.url + "/update_weights_from_disk", json=update)
         got = await retrieve(client, running.url, PROMPT + result["text"])
     meta = result["meta_info"]
     assert meta["continued_aborts"] == 1

@@ -278,8 +278,8 @@ async def post(app: SimWorker, path: str, body: Mapping[str, Any]) -> Any:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": path, "headers": [JSON_TYPE]}
-    await app(scope, receive, send)
+    headers = [(b"content-type", b"application/json")]
+    await app({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
     assert sent[0]["status"] == 200
     return orjson.loads(b"".join(m.get("body", b"") for m in sent[1:]))
 

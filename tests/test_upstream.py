@@ -47,11 +47,18 @@ async def open_client(kind: str = "lean", **limits: float) -> AsyncIterator[Upst
             await client.aclose()
 
 
+JSON = [(b"content-type", b"application/json")]  # what SGLang requires of a body
+
+
 async def fetch(
-    client: UpstreamClient, url: str, method: bytes = b"GET", target: bytes = b"/x", body=b""
+    client: UpstreamClient,
+    url: str,
+    method: bytes = b"GET",
+    target: bytes = b"/x",
+    body=b"",
+    headers: list[tuple[bytes, bytes]] = JSON,
 ) -> tuple[UpstreamResponse, list[bytes]]:
-    headers = [(b"x-test", b"1"), (b"content-type", b"application/json")]
-    async with client.stream(url, method, target, headers, body) as response:
+    async with client.stream(url, method, target, [(b"x-test", b"1"), *headers], body) as response:
         return response, [chunk async for chunk in response]
 
 

@@ -368,12 +368,13 @@ class SessionFrontend(Middleware):
 
 
 def _routed_rows(payload: Any, tokens: int) -> int:
-    """Rows of a routed-experts payload: one per token, or one fewer (SGLang leaves out
-    the last generated token, which no forward pass consumed)."""
+    """Rows of a routed-experts payload: one per token but the last, which no forward pass
+    consumed (SGLang's shape, tried first: a size that fits it may fit ``tokens`` rows of
+    another width too), else one per token."""
     if not isinstance(payload, str) or tokens <= 0:
         return 0
     size = len(payload) // 4 * 3 - payload.count("=")
-    for rows in (tokens, tokens - 1):
+    for rows in (tokens - 1, tokens):
         if rows > 0 and size % (rows * 4) == 0:
             return rows
     return tokens

@@ -23,7 +23,9 @@ __all__ = [
     "generate",
     "next_token",
     "prompt_key",
+    "prompt_logprobs",
     "routed_experts",
+    "top_alternatives",
     "vocab_from_tokenizer",
 ]
 
@@ -64,8 +66,8 @@ class Finish:
         """SGLang's ``meta_info.finish_reason`` dict."""
         if self.type == "length":
             return {"type": "length", "length": self.length}
-        if self.type == "abort":
-            return {"type": "abort", "message": self.message}
+        if self.type == "abort":  # SGLang's FINISH_ABORT (a client's abort has no status)
+            return {"type": "abort", "message": self.message, "status_code": None, "err_type": None}
         return {"type": self.type, "matched": self.matched}
 
 
@@ -102,14 +104,18 @@ def prompt_key(prompt_ids: Sequence[int], seed: int = 0) -> bytes:
     return h.digest()
 
 
+def _logprob(digest: bytes) -> float:
+    x = int.from_bytes(digest[12:16], "little") / 4294967296.0  # uniform in [0, 1)
+    return -(0.001 + 4.99 * x * x)  # in (-5, 0), skewed towards confident tokens
+
+
 def _sample(
     key: bytes, generated: Sequence[int], position: int, vocab: Vocab, allow_eos: bool
 ) -> tuple[int, float]:
     tail = generated[-CONTEXT:]
     digest = blake2b(key + array("q", (position, *tail)).tobytes(), digest_size=16).digest()
     pick = int.from_bytes(digest[:8], "little")
-    x = int.from_bytes(digest[12:16], "little") / 4294967296.0  # uniform in [0, 1)
-    logprob = -(0.001 + 4.99 * x * x)  # in (-5, 0), skewed towards confident tokens
+    logprob = _logprob(digest)
     if (
         allow_eos
         and position >= MIN_TOKENS_BEFORE_EOS
@@ -118,6 +124,36 @@ def _sample(
         return vocab.eos_token_id, logprob
     words = vocab.word_ids
     return words[pick % len(words)], logprob
+
+
+def prompt_logprobs(prompt_ids: Sequence[int], start: int, seed: int = 0) -> list[float | None]:
+    """Fake logprobs of the prompt tokens from ``start`` on, SGLang's ``input_token_logprobs``
+    values: each depends on the token and the few before it (so a shared prefix gets the
+    same values); the first is None, as SGLang reports it."""
+    out: list[float | None] = []
+    salt = seed.to_bytes(8, "little", signed=True)
+    for i in range(start, len(prompt_ids)):
+        if i == start:
+            out.append(None)
+            continue
+        tail = prompt_ids[max(0, i - CONTEXT) : i + 1]
+        digest = blake2b(salt + array("q", (i, *tail)).tobytes(), digest_size=16).digest()
+        out.append(_logprob(digest))
+    return out
+
+
+def top_alternatives(
+    token_id: int, logprob: float, k: int, vocab: Vocab, salt: int
+) -> list[tuple[float, int]]:
+    """``k`` fake top-logprob entries, most likely first: the token itself, then other
+    words slightly less likely (SGLang's ``*_top_logprobs`` items)."""
+    if k <= 0:
+        return []
+    words = vocab.word_ids
+    out = [(logprob, token_id)]
+    for j in range(1, k):
+        out.append((logprob - 0.25 * j, words[(salt * 7 + token_id + j) % len(words)]))
+    return out
 
 
 def next_token(
@@ -214,11 +250,18 @@ def generate(
 
 
 def routed_experts(
-    ids: Sequence[int], *, num_layers: int = 4, top_k: int = 2, num_experts: int = 64
+    ids: Sequence[int],
+    *,
+    start: int = 0,
+    num_layers: int = 4,
+    top_k: int = 2,
+    num_experts: int = 64,
 ) -> bytes:
-    """Fake MoE routing: int32 little-endian array of shape (len(ids), num_layers, top_k)."""
+    """Fake MoE routing of the tokens ``ids[start:]`` (at their positions in ``ids``): an
+    int32 little-endian array of shape (len(ids) - start, num_layers, top_k)."""
     out = array("i")
-    for pos, tok in enumerate(ids):
+    for pos in range(max(0, start), len(ids)):
+        tok = ids[pos]
         for layer in range(num_layers):
             first = (tok * 31 + pos * 7 + layer * 13) % num_experts
             for k in range(top_k):

@@ -1,21 +1,23 @@
-"""A simulated SGLang worker: a raw ASGI 3 app speaking SGLang's HTTP wire format.
+"""A simulated SGLang worker: a raw ASGI 3 app speaking SGLang 0.5.23's HTTP wire format.
 
 Deterministic (see ``generation``), cheap per request, all time through trio (so
 ``MockClock`` works), with runtime fault knobs for tests of the router's failure paths.
+What it answers, and the few places it knowingly differs from SGLang, are in
+docs/http-api.md (the simulated worker); ``tests/engine/test_differential.py`` compares it
+with the real engine.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
-import re
 import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Any, Final
 
 import hypercorn.config
@@ -24,7 +26,31 @@ import orjson
 import trio
 
 from ..config import option
-from .generation import Decoder, Finish, Vocab, routed_experts, vocab_from_tokenizer
+from . import openai
+from .asgi import (
+    SSE,
+    Dropped,
+    is_json,
+    not_json,
+    parse_body,
+    read_body,
+    send_bytes,
+    send_refusal,
+    send_stream_refusal,
+    sim_error,
+)
+from .contract import (
+    Refusal,
+    generate_contract_error,
+    method_not_allowed,
+    not_found,
+    schema_error,
+    validation_error,
+    value_error,
+    verify_sampling,
+)
+from .generation import Decoder, Finish, Vocab, vocab_from_tokenizer
+from .job import Job, Params, Returns, sampling
 from .kvcache import PrefixCache
 from .tokenizer import ByteTokenizer, TokenizerLike
 
@@ -41,21 +67,14 @@ Scope = Mapping[str, Any]
 Message = Mapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[Receive, Send, bytes], Awaitable[None]]
 
-DEFAULT_MAX_NEW_TOKENS: Final = 128
-DEFAULT_COMPLETION_MAX_TOKENS: Final = 16  # OpenAI's default for /v1/completions
-MAX_BODY_BYTES: Final = 64 * 1024 * 1024
-TOOL_ARGUMENTS: Final = '{"city": "Paris"}'
+ABORTED: Final = "Aborted"  # SGLang's message for a generation /abort_request stopped
+FLUSHED: Final = (
+    b"Cache flushed.\nPlease check backend logs for more details. (When there are running or "
+    b"waiting requests, the operation will not be performed.)\n"
+)
 
-_CT_JSON: Final = (b"content-type", b"application/json")
-_CT_TEXT: Final = (b"content-type", b"text/plain; charset=utf-8")
-_SSE_START: Final[dict[str, Any]] = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
-}
-_DONE: Final = b"data: [DONE]\n\n"
-_VERSION_RE: Final = re.compile(r"^(.*?)(\d+)$")
 _LOG: Final = logging.getLogger("trio_router.sim")
 
 
@@ -67,10 +86,19 @@ class SimWorkerConfig:
     port: int = option(0, "port to listen on (0 picks a free one)")
     weight_version: str = option("v0", "weight_version reported in responses")
     latency_per_token_ms: float = option(0.0, "simulated time per generated token, in ms")
-    model_path: str = option("trio-router/sim", "model path reported by /get_model_info")
+    model_path: str = option("trio-router/sim", "model path reported by /model_info")
     seed: int = option(0, "seed of the deterministic generator")
     tokenizer: str = option(
         "qwen3", "qwen3 (the shipped tokenizer), bytes (built in, tiny), or a tokenizer directory"
+    )
+    context_length: int = option(
+        8192, "context length in tokens: longer prompts are refused as SGLang does"
+    )
+    health_seconds: float = option(
+        0.0, "seconds /health and /health_generate take (real SGLang: 1 or more)"
+    )
+    startup_seconds: float = option(
+        0.0, "seconds after start during which /health answers 503, as SGLang while starting"
     )
 
     def problems(self) -> list[str]:
@@ -79,6 +107,10 @@ class SimWorkerConfig:
             found.append(f"port must be 0..65535, not {self.port}")
         if self.latency_per_token_ms < 0:
             found.append("latency_per_token_ms must be >= 0")
+        if self.context_length < 1:
+            found.append("context_length must be >= 1")
+        if self.health_seconds < 0 or self.startup_seconds < 0:
+            found.append("health_seconds and startup_seconds must be >= 0")
         return found
 
 
@@ -164,292 +196,50 @@ class SimStats:
         }
 
 
-class _HTTPError(Exception):
-    """A client error, answered as JSON before the response has started."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-
-
-class _Dropped(Exception):
-    """Raised inside a stream to simulate a dropped connection."""
-
-
-def _error_body(status: int, message: str, kind: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
-
-
-@dataclass(slots=True)
-class _Params:
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-
-
-class _Job:
-    """One generation in flight: decoder state, text bookkeeping and abort plumbing."""
-
-    __slots__ = (
-        "_checked",
-        "_frozen",
-        "_lp",
-        "_text",
-        "_text_n",
-        "abort_message",
-        "cached_tokens",
-        "dec",
-        "disconnected",
-        "prompt_ids",
-        "responded",
-        "return_logprob",
-        "return_routed_experts",
-        "rid",
-        "skip_special",
-        "start",
-        "stops",
-        "tokenizer",
-        "wait_scope",
-    )
-
-    def __init__(
-        self,
-        rid: str,
-        prompt_ids: list[int],
-        params: _Params,
-        worker: SimWorker,
-        *,
-        return_logprob: bool = False,
-        return_routed_experts: bool = False,
-    ) -> None:
-        self.rid = rid
-        self.prompt_ids = prompt_ids
-        self.cached_tokens = 0
-        self.dec = Decoder(
-            prompt_ids,
-            params.max_new_tokens,
-            worker.vocab,
-            stop_token_ids=params.stop_token_ids,
-            ignore_eos=params.ignore_eos,
-            seed=worker.config.seed,
-        )
-        self.stops = params.stop
-        self.skip_special = params.skip_special_tokens
-        self.tokenizer = worker.tokenizer
-        self.return_logprob = return_logprob
-        self.return_routed_experts = return_routed_experts
-        self.start = trio.current_time()
-        self.abort_message: str | None = None
-        self.wait_scope: trio.CancelScope | None = None
-        self.disconnected = False
-        self.responded = False
-        self._text = ""
-        self._text_n = 0
-        self._frozen = False
-        self._checked = 0
-        self._lp: list[list[Any]] = []
-
-    @property
-    def finish(self) -> Finish | None:
-        return self.dec.finish
-
-    def text(self) -> str:
-        """Decoded output so far, trimmed at a matched stop string."""
-        ids = self.dec.output_ids
-        if not self._frozen and self._text_n != len(ids):
-            self._text = self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
-            self._text_n = len(ids)
-        return self._text
-
-    def check_stops(self) -> None:
-        """Finish on the earliest stop string in the newly decoded text, trimming it."""
-        finish = self.dec.finish
-        if self._frozen or (finish is not None and finish.type != "length"):
-            return
-        text = self.text()
-        best: tuple[int, str] | None = None
-        for stop in self.stops:
-            i = text.find(stop, max(0, self._checked - len(stop) + 1))
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, stop)
-        self._checked = len(text)
-        if best is not None:
-            self._text = text[: best[0]]
-            self._frozen = True
-            self.dec.finish_with(Finish("stop", matched=best[1]))
-
-    def logprob_entries(self) -> list[list[Any]]:
-        """SGLang's ``output_token_logprobs``: ``[[logprob, token_id, None], ...]``."""
-        lp, ids, logprobs = self._lp, self.dec.output_ids, self.dec.logprobs
-        for i in range(len(lp), len(ids)):
-            lp.append([logprobs[i], ids[i], None])
-        return lp
-
-    def abort(self, message: str) -> None:
-        """Ask the generation loop to stop with finish_reason abort."""
-        if self.dec.finish is None and self.abort_message is None:
-            self.abort_message = message
-            if self.wait_scope is not None:
-                self.wait_scope.cancel()
-
-
-class _SSE:
-    """Sends SSE events, honouring ``drop_after_events``."""
-
-    __slots__ = ("left", "send")
-
-    def __init__(self, send: Send, drop_after: int | None) -> None:
-        self.send = send
-        self.left = drop_after
-
-    async def start(self) -> None:
-        await self.send(_SSE_START)
-
-    async def event(self, data: bytes) -> None:
-        if self.left is not None:
-            if self.left <= 0:
-                raise _Dropped
-            self.left -= 1
-        await self.send(
-            {"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True}
-        )
-
-    async def done(self, job: _Job) -> None:
-        if self.left is not None and self.left <= 0:
-            raise _Dropped
-        job.responded = True
-        await self.send({"type": "http.response.body", "body": _DONE, "more_body": False})
-
-
 # ---------------------------------------------------------------- request parsing
 
 
-def _bad(message: str) -> _HTTPError:
-    return _HTTPError(400, message)
+def _id_or_ids(v: Any) -> bool:
+    return type(v) is int or (isinstance(v, list) and all(type(i) is int for i in v))
 
 
-def _get_bool(d: Mapping[str, Any], key: str, default: bool) -> bool:
-    v = d.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise _bad(f"{key} must be a boolean")
-    return v
-
-
-def _get_int(d: Mapping[str, Any], key: str) -> int | None:
-    v = d.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise _bad(f"{key} must be an integer")
-    return v
-
-
-def _get_str(d: Mapping[str, Any], key: str) -> str | None:
-    v = d.get(key)
-    if v is not None and not isinstance(v, str):
-        raise _bad(f"{key} must be a string")
-    return v
-
-
-def _id_list(v: object, key: str, vocab_size: int) -> list[int]:
-    if not isinstance(v, list) or not all(type(i) is int for i in v):
-        if isinstance(v, list) and v and isinstance(v[0], list):
-            raise _bad("batch not supported by the simulator")
-        raise _bad(f"{key} must be a list of integers")
-    if v and (min(v) < 0 or max(v) >= vocab_size):
-        raise _bad(f"{key} contains a token id outside [0, {vocab_size})")
-    return v
-
-
-def _sampling(d: Mapping[str, Any], max_key: Sequence[str], default_max: int) -> _Params:
-    max_new: int | None = None
-    for key in max_key:
-        max_new = _get_int(d, key)
-        if max_new is not None:
-            break
-    if max_new is None:
-        max_new = default_max
-    if max_new < 0:
-        raise _bad(f"{max_key[0]} must be >= 0")
-    stop = d.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,) if stop else ()
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = tuple(s for s in stop if s)
-    else:
-        raise _bad("stop must be a string or a list of strings")
-    stop_ids = d.get("stop_token_ids")
-    if stop_ids is not None and (
-        not isinstance(stop_ids, list) or not all(type(i) is int for i in stop_ids)
+def _pydantic_check(body: Mapping[str, Any]) -> None:
+    """What pydantic refuses before SGLang's contract sees the body (the prompt fields)."""
+    text, ids, sp = body.get("text"), body.get("input_ids"), body.get("sampling_params")
+    wrong: list[dict[str, Any]] = []
+    if text is not None and not (
+        isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))
     ):
-        raise _bad("stop_token_ids must be a list of integers")
-    return _Params(
-        max_new_tokens=max_new,
-        stop=stops,
-        stop_token_ids=tuple(stop_ids or ()),
-        ignore_eos=_get_bool(d, "ignore_eos", False),
-        skip_special_tokens=_get_bool(d, "skip_special_tokens", True),
-    )
+        wrong.append({"type": "string_type", "loc": ("body", "text"), "input": text})
+    if ids is not None and not (isinstance(ids, list) and all(map(_id_or_ids, ids))):
+        msg = "Value error, elements must be int or list"
+        wrong.append({"type": "value_error", "loc": ("body", "input_ids"), "msg": msg})
+    if sp is not None and not isinstance(sp, (dict, list)):
+        wrong.append({"type": "dict_type", "loc": ("body", "sampling_params"), "input": sp})
+    if wrong:
+        raise validation_error(wrong)
 
 
-def _content_text(content: object) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts: list[str] = []
-        for part in content:
-            if not isinstance(part, dict):
-                raise _bad("message content parts must be objects")
-            text = part.get("text")
-            if part.get("type") == "text" and isinstance(text, str):
-                parts.append(text)
-        return "".join(parts)
-    raise _bad("message content must be a string, a list of parts, or null")
-
-
-def _finish_reason(finish: Finish | None) -> str | None:
-    return None if finish is None else finish.type
-
-
-def _matched_stop(finish: Finish | None) -> int | str | None:
-    return finish.matched if finish is not None and finish.type == "stop" else None
-
-
-def _bump_version(version: str) -> str:
-    m = _VERSION_RE.match(version)
-    if m is None:
-        return version + "1"
-    return f"{m.group(1)}{int(m.group(2)) + 1}"
-
-
-def _stream_options_usage(body: Mapping[str, Any]) -> bool:
-    opts = body.get("stream_options")
-    if opts is None:
-        return False
-    if not isinstance(opts, dict):
-        raise _bad("stream_options must be an object")
-    return _get_bool(opts, "include_usage", False)
-
-
-def _check_n(body: Mapping[str, Any]) -> None:
-    n = _get_int(body, "n")
-    if n is not None and n != 1:
-        raise _bad("only n=1 is supported by the simulator")
+def _is_batch(body: Mapping[str, Any]) -> bool:
+    """Whether ``body`` uses one of SGLang's batch forms (lists of prompts, rids, ...)."""
+    ids = body.get("input_ids")
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        return True
+    keys = ("text", "rid", "sampling_params", "return_logprob", "logprob_start_len")
+    return any(isinstance(body.get(k), list) for k in (*keys, "top_logprobs_num"))
 
 
 # ---------------------------------------------------------------- the app
 
-_Handler = Callable[[Receive, Send, bytes], Awaitable[None]]
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    methods: frozenset[str]
+    handler: Handler
+    faultable: bool = False
+    """The ``fail_status`` fault applies."""
+    json: bool = False
+    """The body must be JSON (SGLang parses it into a request model)."""
 
 
 class SimWorker:
@@ -470,27 +260,32 @@ class SimWorker:
         self.weights_path = self.config.model_path
         self.url: str | None = None
         """Set by ``serve_sim_worker`` once bound."""
+        self.started_at: float | None = None
+        """trio time the worker started (``startup_seconds`` count from it)."""
         self._latency_s = self.config.latency_per_token_ms / 1000.0
         self.prefix_cache = PrefixCache()
-        self._jobs: dict[str, _Job] = {}
+        self.jobs: dict[str, Job] = {}
         self._pieces: dict[int, str] = {}
         self._wall_offset: float | None = None
-        r = self._routes = dict[str, tuple[frozenset[str], bool, _Handler]]()
-        post, get, both = frozenset({"POST"}), frozenset({"GET"}), frozenset({"GET", "POST"})
-        r["/generate"] = (frozenset({"POST", "PUT"}), True, self._generate)
-        r["/v1/chat/completions"] = (post, True, self._chat)
-        r["/v1/completions"] = (post, True, self._completions)
-        r["/v1/models"] = (get, True, self._models)
-        r["/health"] = (get, False, self._health)
-        r["/health_generate"] = (get, False, self._health_generate)
-        r["/get_model_info"] = r["/model_info"] = (get, False, self._model_info)
-        r["/get_server_info"] = r["/server_info"] = (get, False, self._server_info)
-        r["/flush_cache"] = (both, False, self._flush_cache)
-        r["/abort_request"] = (post, False, self._abort_request)
-        r["/update_weights_from_disk"] = (post, False, self._update_weights)
-        r["/get_weight_version"] = (get, False, self._get_weight_version)
-        r["/sim/faults"] = (both, False, self._sim_faults)
-        r["/sim/stats"] = (get, False, self._sim_stats)
+        get, post = frozenset({"GET"}), frozenset({"POST"})
+        both = frozenset({"GET", "POST"})
+        self._routes: dict[str, _Route] = {
+            "/generate": _Route(frozenset({"POST", "PUT"}), self._generate, True, True),
+            "/v1/chat/completions": _Route(post, partial(openai.chat, self), True, True),
+            "/v1/completions": _Route(post, partial(openai.completions, self), True, True),
+            "/v1/models": _Route(get, partial(openai.models, self), True),
+            "/health": _Route(get, self._health),
+            "/health_generate": _Route(get, self._health_generate),
+            "/model_info": _Route(get, self._model_info),
+            "/get_model_info": _Route(get, self._model_info),
+            "/server_info": _Route(get, self._server_info),
+            "/get_server_info": _Route(get, self._server_info),
+            "/flush_cache": _Route(both, self._flush_cache),
+            "/abort_request": _Route(post, self._abort_request, json=True),
+            "/update_weights_from_disk": _Route(post, self._update_weights, json=True),
+            "/sim/faults": _Route(both, self._sim_faults),
+            "/sim/stats": _Route(get, self._sim_stats),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -510,56 +305,101 @@ class SimWorker:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         self.stats.requests[path] += 1
-        route = self._routes.get(path)
-        if route is None:
-            await _send_error(send, _HTTPError(404, f"no route for {path}", "not_found_error"))
-            return
-        methods, faultable, handler = route
-        if scope["method"] not in methods:
-            err = _HTTPError(405, f"method {scope['method']} not allowed for {path}")
-            await _send_error(send, err)
-            return
+        if self.started_at is None:
+            self.started_at = trio.current_time()
         try:
-            body = await _read_body(receive)
+            route = self._routes.get(path)
+            if route is None:
+                raise not_found()
+            if scope["method"] not in route.methods:
+                raise method_not_allowed(route.methods)
+            body = await read_body(receive)
             if body is None:  # client went away while sending the request
                 return
-            if faultable and self.faults.fail_status is not None:
-                status = self.faults.fail_status
-                raise _HTTPError(status, "simulated failure", "sim_fault")
-            if body and not _is_json(scope.get("headers", ())):
-                await _send_bytes(send, 400, _NOT_JSON)
-                return
-            await handler(receive, send, body)
-        except _HTTPError as err:
-            await _send_error(send, err)
+            if route.faultable and self.faults.fail_status is not None:
+                raise sim_error(self.faults.fail_status, "simulated failure", "sim_fault")
+            if route.json and body and not is_json(scope["headers"]):
+                raise not_json()
+            await route.handler(receive, send, body)
+        except Refusal as refusal:
+            await send_refusal(send, refusal)
 
-    def _created(self) -> int:
+    def created(self) -> int:
+        """Wall-clock seconds, as the ``created`` of OpenAI answers."""
+        return int(self.wall_clock())
+
+    def wall_clock(self) -> float:
+        """Wall-clock time, derived from trio's clock (so ``MockClock`` moves it)."""
         now = trio.current_time()
         if self._wall_offset is None:
             self._wall_offset = time.time() - now
-        return int(self._wall_offset + now)
+        return self._wall_offset + now
 
-    def _piece(self, token_id: int) -> str:
+    def piece(self, token_id: int) -> str:
+        """The text of one token, special tokens included."""
         piece = self._pieces.get(token_id)
         if piece is None:
             piece = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._pieces[token_id] = piece
         return piece
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str, refuse: Callable[[str], Refusal] = value_error) -> list[int]:
         try:
             return self.tokenizer.encode(text)
         except (UnicodeError, ValueError) as exc:
-            raise _bad(f"cannot tokenize prompt: {exc}") from None
+            raise refuse(f"cannot tokenize prompt: {exc}") from None
 
-    async def _send_json_result(self, send: Send, job: _Job, payload: object) -> None:
+    def check_prompt(
+        self, ids: list[int], max_new_tokens: int | None, refuse: Callable[[str], Refusal]
+    ) -> None:
+        """SGLang's prompt checks: not empty, known ids, within the context length."""
+        if not ids:
+            raise refuse("input_ids cannot be empty.")
+        vocab = self.tokenizer.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise refuse(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        n, context = len(ids), self.config.context_length
+        if n >= context:
+            raise refuse(
+                f"The input ({n} tokens) is longer than the model's context length "
+                f"({context} tokens)."
+            )
+        if max_new_tokens is not None and n + max_new_tokens > context:
+            raise refuse(
+                "Requested token count exceeds the model's maximum context length of "
+                f"{context} tokens. You requested a total of {n + max_new_tokens} tokens: "
+                f"{n} tokens from the input messages and {max_new_tokens} tokens for the "
+                "completion. Please reduce the number of tokens in the input messages or the "
+                "completion to fit within the limit."
+            )
+
+    def new_job(
+        self, rid: str, prompt: list[int], params: Params, returns: Returns | None = None
+    ) -> Job:
+        return Job(
+            rid,
+            prompt,
+            params,
+            vocab=self.vocab,
+            tokenizer=self.tokenizer,
+            piece=self.piece,
+            weight_version=self.weight_version,
+            seed=self.config.seed,
+            returns=returns,
+        )
+
+    def meta_info(self, job: Job) -> dict[str, Any]:
+        return job.meta_info(self.weight_version, self.wall_clock())
+
+    async def send_json_result(self, send: Send, job: Job, payload: object) -> None:
         body = orjson.dumps(payload)
         if self.faults.truncate_json:
             body = body[: len(body) // 2]
         job.responded = True
-        await _send_bytes(send, 200, body)
+        await send_bytes(send, 200, body)
 
-    async def _wait(self, job: _Job, seconds: float | None) -> None:
+    async def _wait(self, job: Job, seconds: float | None) -> None:
         """Sleep (forever if ``seconds`` is None), returning early if the job is aborted."""
         if job.abort_message is not None:
             return
@@ -571,7 +411,7 @@ class SimWorker:
                 await trio.sleep(seconds)
         job.wait_scope = None
 
-    async def _decode(self, job: _Job, on_token: Callable[[], Awaitable[None]] | None) -> None:
+    async def decode(self, job: Job, on_token: Callable[[], Awaitable[None]] | None) -> None:
         """Run the token loop until a finish reason is set, calling ``on_token`` per token."""
         dec = job.dec
         latency = self._latency_s
@@ -587,19 +427,15 @@ class SimWorker:
             if job.abort_message is not None:
                 dec.finish_with(Finish("abort", message=job.abort_message))
                 break
-            dec.step()
-            if job.stops:
-                job.check_stops()
+            job.step(self.weight_version)
             if on_token is not None:
                 await on_token()
 
-    async def _run_job(
-        self, receive: Receive, job: _Job, respond: Callable[[_Job], Awaitable[None]]
+    async def run_job(
+        self, receive: Receive, job: Job, respond: Callable[[Job], Awaitable[None]]
     ) -> None:
         """Register ``job``, watch for client disconnect, run ``respond`` and count it."""
-        if job.rid in self._jobs:
-            raise _bad(f"duplicate request id {job.rid}")
-        self._jobs[job.rid] = job
+        self.jobs[job.rid] = job
         stats = self.stats
         stats.active += 1
         completed = False
@@ -613,7 +449,7 @@ class SimWorker:
             completed = not job.disconnected
         finally:
             stats.active -= 1
-            del self._jobs[job.rid]
+            del self.jobs[job.rid]
             if completed:
                 stats.completed += 1
             else:
@@ -622,74 +458,79 @@ class SimWorker:
     # ------------------------------------------------------------ /generate
 
     async def _generate(self, receive: Receive, send: Send, raw: bytes) -> None:
-        body = _parse_object(raw)
-        text, input_ids = body.get("text"), body.get("input_ids")
-        if (text is None) == (input_ids is None):
-            raise _bad("exactly one of text and input_ids is required")
-        if text is not None:
-            if isinstance(text, list):
-                raise _bad("batch not supported by the simulator")
-            if not isinstance(text, str):
-                raise _bad("text must be a string")
-            prompt = self._encode(text)
-        else:
-            prompt = _id_list(input_ids, "input_ids", self.tokenizer.vocab_size)
-        sp = body.get("sampling_params") or {}
-        if not isinstance(sp, dict):
-            raise _bad("sampling_params must be an object")
-        rid = body.get("rid")
-        if isinstance(rid, list):
-            raise _bad("batch not supported by the simulator")
-        if rid is not None and not isinstance(rid, str):
-            raise _bad("rid must be a string")
-        job = _Job(
-            rid or uuid.uuid4().hex,
-            prompt,
-            _sampling(sp, ("max_new_tokens",), DEFAULT_MAX_NEW_TOKENS),
-            self,
-            return_logprob=_get_bool(body, "return_logprob", False),
-            return_routed_experts=_get_bool(body, "return_routed_experts", False),
-        )
-        extra_key = body.get("extra_key") or ""
-        if not isinstance(extra_key, str):
-            raise _bad("extra_key must be a string")
+        body = parse_body(raw, "GenerateReqInput")
+        _pydantic_check(body)
+        contract = generate_contract_error(body)
+        if contract is not None:
+            raise schema_error(contract)
+        stream = body.get("stream") is True
+        try:
+            job, extra_key = self._generate_job(body)
+        except Refusal as refusal:
+            if stream and refusal.streamed:  # SGLang has already answered 200
+                await send_stream_refusal(send, refusal)
+                return
+            raise
+        prompt = job.prompt_ids
         job.cached_tokens = self.prefix_cache.lookup(prompt, extra_key)
+        if job.returns.logprob and job.returns.logprob_start_len >= 0:
+            # SGLang recomputes what it must report logprobs for
+            job.cached_tokens = min(job.cached_tokens, job.returns.logprob_start_len)
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += job.cached_tokens
         self.prefix_cache.insert(prompt, extra_key)
         try:
-            if _get_bool(body, "stream", False):
-                await self._run_job(receive, job, lambda j: self._generate_stream(send, j))
+            if stream:
+                await self.run_job(receive, job, lambda j: self._generate_stream(send, j))
             else:
-                await self._run_job(receive, job, lambda j: self._generate_once(send, j))
+                await self.run_job(receive, job, lambda j: self._generate_once(send, j))
         finally:
             self.prefix_cache.insert(prompt + job.dec.output_ids, extra_key)
 
-    def _generate_payload(self, job: _Job) -> dict[str, Any]:
-        dec = job.dec
-        finish = dec.finish
-        meta: dict[str, Any] = {
-            "id": job.rid,
-            "finish_reason": None if finish is None else finish.to_json(),
-            "prompt_tokens": len(job.prompt_ids),
-            "completion_tokens": len(dec.output_ids),
-            "cached_tokens": job.cached_tokens,
-            "weight_version": self.weight_version,
-            "e2e_latency": trio.current_time() - job.start,
+    def _generate_job(self, body: dict[str, Any]) -> tuple[Job, str]:
+        """The job a contract-checked ``/generate`` body asks for, or SGLang's refusal."""
+        if _is_batch(body):
+            raise value_error("batch requests are not supported by the simulator")
+        text, input_ids = body.get("text"), body.get("input_ids")
+        if text is None and input_ids is None:
+            raise value_error("Either text, input_ids or input_embeds should be provided.")
+        rid = body.get("rid") or uuid.uuid4().hex
+        if rid in self.jobs:
+            raise value_error(f"Duplicate request ID detected: {rid}")
+        sp: dict[str, Any] = body.get("sampling_params") or {}
+        prompt = list(input_ids) if input_ids is not None else self.encode(str(text))
+        self.check_prompt(prompt, sp.get("max_new_tokens"), value_error)
+        verify_sampling(sp, self.tokenizer.vocab_size)
+        returns = Returns(
+            logprob=body.get("return_logprob") is True,
+            logprob_start_len=_int(body, "logprob_start_len", -1),
+            top_logprobs_num=_int(body, "top_logprobs_num", 0),
+            text_in_logprobs=body.get("return_text_in_logprobs") is True,
+            routed_experts=body.get("return_routed_experts") is True,
+            routed_experts_start_len=_int(body, "routed_experts_start_len", 0),
+        )
+        if returns.logprob and returns.logprob_start_len > len(prompt):
+            raise value_error(
+                f"req.logprob_start_len={returns.logprob_start_len} is higher than the number "
+                f"of input tokens len(req.origin_input_ids)={len(prompt)}. Please use a smaller "
+                "logprob_start_len."
+            )
+        job = self.new_job(rid, prompt, sampling(sp), returns)
+        return job, str(body.get("extra_key") or "")
+
+    def _generate_payload(self, job: Job) -> dict[str, Any]:
+        return {
+            "text": job.text(),
+            "output_ids": list(job.dec.output_ids),
+            "meta_info": self.meta_info(job),
         }
-        if job.return_logprob:
-            meta["output_token_logprobs"] = job.logprob_entries()
-        if job.return_routed_experts and finish is not None:
-            experts = routed_experts(job.prompt_ids + dec.output_ids)
-            meta["routed_experts"] = base64.b64encode(experts).decode("ascii")
-        return {"text": job.text(), "output_ids": dec.output_ids, "meta_info": meta}
 
-    async def _generate_once(self, send: Send, job: _Job) -> None:
-        await self._decode(job, None)
-        await self._send_json_result(send, job, self._generate_payload(job))
+    async def _generate_once(self, send: Send, job: Job) -> None:
+        await self.decode(job, None)
+        await self.send_json_result(send, job, self._generate_payload(job))
 
-    async def _generate_stream(self, send: Send, job: _Job) -> None:
-        sse = _SSE(send, self.faults.drop_after_events)
+    async def _generate_stream(self, send: Send, job: Job) -> None:
+        sse = SSE(send, self.faults.drop_after_events)
         await sse.start()
         sent_final = False
 
@@ -699,306 +540,65 @@ class SimWorker:
             sent_final = job.finish is not None
 
         try:
-            await self._decode(job, on_token)
+            await self.decode(job, on_token)
             if not sent_final:
                 await sse.event(orjson.dumps(self._generate_payload(job)))
             await sse.done(job)
-        except _Dropped:
+        except Dropped:
             return
-
-    # ------------------------------------------------------------ OpenAI endpoints
-
-    def _openai_meta(self, job: _Job) -> dict[str, Any]:
-        finish = job.finish
-        return {
-            "id": job.rid,
-            "finish_reason": None if finish is None else finish.to_json(),
-            "prompt_tokens": len(job.prompt_ids),
-            "completion_tokens": len(job.dec.output_ids),
-            "cached_tokens": 0,
-            "weight_version": self.weight_version,
-            "e2e_latency": trio.current_time() - job.start,
-            "output_ids": job.dec.output_ids,
-            "output_token_logprobs": job.logprob_entries(),
-        }
-
-    @staticmethod
-    def _usage(job: _Job) -> dict[str, int]:
-        p, c = len(job.prompt_ids), len(job.dec.output_ids)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def _chat_logprob(self, i: int, job: _Job) -> dict[str, Any]:
-        return {
-            "token": self._piece(job.dec.output_ids[i]),
-            "logprob": job.dec.logprobs[i],
-            "bytes": None,
-            "top_logprobs": [],
-        }
-
-    def _openai_job(self, body: dict[str, Any], prompt: list[int], default_max: int) -> _Job:
-        _check_n(body)
-        rid = _get_str(body, "rid")
-        params = _sampling(body, ("max_completion_tokens", "max_tokens"), default_max)
-        return _Job(rid or uuid.uuid4().hex, prompt, params, self)
-
-    async def _chat(self, receive: Receive, send: Send, raw: bytes) -> None:
-        body = _parse_object(raw)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("messages must be a non-empty list")
-        rendered: list[str] = []
-        last_user = ""
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise _bad("each message must be an object with a string role")
-            content = _content_text(m.get("content"))
-            if m["role"] == "user":
-                last_user = content
-            rendered.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
-        tool_name: str | None = None
-        tools = body.get("tools")
-        if tools:
-            if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-                raise _bad("tools must be a list of objects")
-            fn = tools[0].get("function")
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise _bad("tools[0].function.name must be a string")
-            if body.get("tool_choice") != "none" and "weather" in last_user.lower():
-                tool_name = fn["name"]
-        if body.get("input_ids") is not None:
-            prompt = _id_list(body["input_ids"], "input_ids", self.tokenizer.vocab_size)
-        else:
-            prompt = self._encode("".join(rendered) + "<|im_start|>assistant\n")
-        job = self._openai_job(body, prompt, DEFAULT_MAX_NEW_TOKENS)
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        chat = _ChatCtx(
-            model=model or self.config.model_path,
-            logprobs=_get_bool(body, "logprobs", False),
-            tool_name=tool_name,
-            include_usage=_stream_options_usage(body),
-        )
-        if _get_bool(body, "stream", False):
-            await self._run_job(receive, job, lambda j: self._chat_stream(send, j, chat))
-        else:
-            await self._run_job(receive, job, lambda j: self._chat_once(send, j, chat))
-
-    def _tool_calls(self, job: _Job, name: str) -> list[dict[str, Any]]:
-        call_id = "call_" + job.rid[:24]
-        fn = {"name": name, "arguments": TOOL_ARGUMENTS}
-        return [{"id": call_id, "index": 0, "type": "function", "function": fn}]
-
-    def _chat_finish(self, job: _Job, chat: _ChatCtx) -> str | None:
-        reason = _finish_reason(job.finish)
-        if chat.tool_name is not None and reason in ("stop", "length"):
-            return "tool_calls"
-        return reason
-
-    async def _chat_once(self, send: Send, job: _Job, chat: _ChatCtx) -> None:
-        await self._decode(job, None)
-        message: dict[str, Any] = {"role": "assistant", "content": job.text()}
-        if chat.tool_name is not None:
-            message["content"] = None
-            message["tool_calls"] = self._tool_calls(job, chat.tool_name)
-        logprobs = None
-        if chat.logprobs:
-            n = len(job.dec.output_ids)
-            logprobs = {"content": [self._chat_logprob(i, job) for i in range(n)]}
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": logprobs,
-            "finish_reason": self._chat_finish(job, chat),
-            "matched_stop": _matched_stop(job.finish),
-            "meta_info": self._openai_meta(job),
-        }
-        payload = {
-            "id": "chatcmpl-" + job.rid,
-            "object": "chat.completion",
-            "created": self._created(),
-            "model": chat.model,
-            "choices": [choice],
-            "usage": self._usage(job),
-        }
-        await self._send_json_result(send, job, payload)
-
-    async def _chat_stream(self, send: Send, job: _Job, chat: _ChatCtx) -> None:
-        sse = _SSE(send, self.faults.drop_after_events)
-        head = {
-            "id": "chatcmpl-" + job.rid,
-            "object": "chat.completion.chunk",
-            "created": self._created(),
-            "model": chat.model,
-        }
-        sent = 0
-
-        def chunk(delta: dict[str, Any], logprobs: object = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
-            return orjson.dumps({**head, "choices": [choice]})
-
-        async def on_token() -> None:
-            nonlocal sent
-            if chat.tool_name is not None:
-                return
-            text = job.text()
-            piece, sent = text[sent:], max(sent, len(text))
-            lp = None
-            if chat.logprobs:
-                lp = {"content": [self._chat_logprob(len(job.dec.output_ids) - 1, job)]}
-            await sse.event(chunk({"content": piece}, lp))
-
-        try:
-            await sse.start()
-            await sse.event(chunk({"role": "assistant"}))
-            await self._decode(job, on_token)
-            if chat.tool_name is not None:
-                await sse.event(chunk({"tool_calls": self._tool_calls(job, chat.tool_name)}))
-            final = {
-                "index": 0,
-                "delta": {},
-                "logprobs": None,
-                "finish_reason": self._chat_finish(job, chat),
-                "matched_stop": _matched_stop(job.finish),
-                "meta_info": self._openai_meta(job),
-            }
-            await sse.event(orjson.dumps({**head, "choices": [final]}))
-            if chat.include_usage:
-                await sse.event(orjson.dumps({**head, "choices": [], "usage": self._usage(job)}))
-            await sse.done(job)
-        except _Dropped:
-            return
-
-    async def _completions(self, receive: Receive, send: Send, raw: bytes) -> None:
-        body = _parse_object(raw)
-        prompt_in = body.get("prompt")
-        if isinstance(prompt_in, str):
-            prompt = self._encode(prompt_in)
-        elif isinstance(prompt_in, list) and prompt_in and isinstance(prompt_in[0], str):
-            raise _bad("batch not supported by the simulator")
-        elif isinstance(prompt_in, list):
-            prompt = _id_list(prompt_in, "prompt", self.tokenizer.vocab_size)
-        else:
-            raise _bad("prompt must be a string or a list of token ids")
-        job = self._openai_job(body, prompt, DEFAULT_COMPLETION_MAX_TOKENS)
-        lp_opt = body.get("logprobs")
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        ctx = _ChatCtx(
-            model=model or self.config.model_path,
-            logprobs=lp_opt is not None and lp_opt is not False,
-            tool_name=None,
-            include_usage=_stream_options_usage(body),
-        )
-        if _get_bool(body, "stream", False):
-            await self._run_job(receive, job, lambda j: self._completion_stream(send, j, ctx))
-        else:
-            await self._run_job(receive, job, lambda j: self._completion_once(send, j, ctx))
-
-    def _completion_logprobs(self, job: _Job, lo: int, offset: int) -> dict[str, Any]:
-        tokens: list[str] = []
-        offsets: list[int] = []
-        for tid in job.dec.output_ids[lo:]:
-            tokens.append(self._piece(tid))
-            offsets.append(offset)
-            offset += len(tokens[-1])
-        return {
-            "tokens": tokens,
-            "token_logprobs": job.dec.logprobs[lo:],
-            "top_logprobs": [None] * len(tokens),
-            "text_offset": offsets,
-        }
-
-    async def _completion_once(self, send: Send, job: _Job, ctx: _ChatCtx) -> None:
-        await self._decode(job, None)
-        choice = {
-            "index": 0,
-            "text": job.text(),
-            "logprobs": self._completion_logprobs(job, 0, 0) if ctx.logprobs else None,
-            "finish_reason": _finish_reason(job.finish),
-            "matched_stop": _matched_stop(job.finish),
-            "meta_info": self._openai_meta(job),
-        }
-        payload = {
-            "id": "cmpl-" + job.rid,
-            "object": "text_completion",
-            "created": self._created(),
-            "model": ctx.model,
-            "choices": [choice],
-            "usage": self._usage(job),
-        }
-        await self._send_json_result(send, job, payload)
-
-    async def _completion_stream(self, send: Send, job: _Job, ctx: _ChatCtx) -> None:
-        sse = _SSE(send, self.faults.drop_after_events)
-        head = {
-            "id": "cmpl-" + job.rid,
-            "object": "text_completion",
-            "created": self._created(),
-            "model": ctx.model,
-        }
-        sent = 0
-
-        async def on_token() -> None:
-            nonlocal sent
-            text = job.text()
-            n = len(job.dec.output_ids)
-            lp = self._completion_logprobs(job, n - 1, sent) if ctx.logprobs else None
-            piece, sent = text[sent:], max(sent, len(text))
-            choice = {"index": 0, "text": piece, "logprobs": lp, "finish_reason": None}
-            await sse.event(orjson.dumps({**head, "choices": [choice]}))
-
-        try:
-            await sse.start()
-            await self._decode(job, on_token)
-            final = {
-                "index": 0,
-                "text": "",
-                "logprobs": None,
-                "finish_reason": _finish_reason(job.finish),
-                "matched_stop": _matched_stop(job.finish),
-                "meta_info": self._openai_meta(job),
-            }
-            await sse.event(orjson.dumps({**head, "choices": [final]}))
-            if ctx.include_usage:
-                await sse.event(orjson.dumps({**head, "choices": [], "usage": self._usage(job)}))
-            await sse.done(job)
-        except _Dropped:
-            return
-
-    async def _models(self, receive: Receive, send: Send, raw: bytes) -> None:
-        path = self.config.model_path
-        model = {"id": path, "object": "model", "created": 0, "owned_by": "sglang", "root": path}
-        await _send_bytes(send, 200, orjson.dumps({"object": "list", "data": [model]}))
 
     # ------------------------------------------------------------ management endpoints
 
     async def _health(self, receive: Receive, send: Send, raw: bytes) -> None:
-        faults = self.faults
-        if faults.health_delay_s > 0:
-            await trio.sleep(faults.health_delay_s)
-        await _send_bytes(send, faults.health_status, b"", ())
+        if await self._health_ready(send):
+            await send_bytes(send, self.faults.health_status, b"", ())
 
     async def _health_generate(self, receive: Receive, send: Send, raw: bytes) -> None:
+        if not await self._health_ready(send):
+            return
         faults = self.faults
-        if faults.health_delay_s > 0:
-            await trio.sleep(faults.health_delay_s)
         if faults.health_status == 200:
             if faults.hang:
                 await trio.sleep_forever()
             if faults.fail_status is not None:
-                await _send_bytes(send, 503, b"", ())
+                await send_bytes(send, 503, b"", ())
                 return
             if self._latency_s > 0:
                 await trio.sleep(self._latency_s)
             Decoder([0], 1, self.vocab, seed=self.config.seed).step()
-        await _send_bytes(send, faults.health_status, b"", ())
+        await send_bytes(send, faults.health_status, b"", ())
+
+    async def _health_ready(self, send: Send) -> bool:
+        """SGLang's health timing: 503 while starting (answered here: False), else the
+        probe's delay, then True."""
+        started = self.started_at if self.started_at is not None else trio.current_time()
+        if trio.current_time() < started + self.config.startup_seconds:
+            await send_bytes(send, 503, b"", ())
+            return False
+        delay = self.config.health_seconds + self.faults.health_delay_s
+        if delay > 0:
+            await trio.sleep(delay)
+        return True
 
     async def _model_info(self, receive: Receive, send: Send, raw: bytes) -> None:
         info = {
             "model_path": self.weights_path,
+            "served_model_name": self.config.model_path,
             "tokenizer_path": getattr(self.tokenizer, "name_or_path", self.config.model_path),
             "is_generation": True,
+            "preferred_sampling_params": None,
             "weight_version": self.weight_version,
+            "load_format": "auto",
+            "reasoning_parser": None,
+            "tool_call_parser": None,
+            "disaggregation_mode": "null",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": "sim",
+            "architectures": ["SimulatedForCausalLM"],
+            "embedding": {"family": "none", "task": "none", "enabled": False},
         }
-        await _send_bytes(send, 200, orjson.dumps(info))
+        await send_bytes(send, 200, orjson.dumps(info))
 
     async def _server_info(self, receive: Receive, send: Send, raw: bytes) -> None:
         cfg = self.config
@@ -1012,137 +612,83 @@ class SimWorker:
             "vocab_size": self.tokenizer.vocab_size,
             "version": "sim",
         }
-        await _send_bytes(send, 200, orjson.dumps(info))
+        await send_bytes(send, 200, orjson.dumps(info))
 
     async def _flush_cache(self, receive: Receive, send: Send, raw: bytes) -> None:
-        await _send_bytes(send, 200, b"Cache flushed.\n", (_CT_TEXT,))
+        await send_bytes(send, 200, FLUSHED, ())
 
     async def _abort_request(self, receive: Receive, send: Send, raw: bytes) -> None:
-        body = _parse_object(raw)
-        rid = _get_str(body, "rid")
-        if _get_bool(body, "abort_all", False):
-            for job in self._jobs.values():
-                job.abort("aborted by /abort_request (abort_all)")
-        elif rid is not None and rid in self._jobs:
-            self._jobs[rid].abort("aborted by /abort_request")
-        await _send_bytes(send, 200, b"", ())
+        body = parse_body(raw, "AbortReq")
+        rid, abort_all = body.get("rid"), body.get("abort_all")
+        if (rid is not None and not isinstance(rid, str)) or not isinstance(
+            abort_all, (bool, type(None))
+        ):
+            raise validation_error([{"type": "is_instance_of", "loc": ("body",), "input": body}])
+        if abort_all:
+            for job in self.jobs.values():
+                job.abort(ABORTED)
+        elif rid is not None and rid in self.jobs:
+            self.jobs[rid].abort(ABORTED)
+        await send_bytes(send, 200, b"", ())
 
     async def _update_weights(self, receive: Receive, send: Send, raw: bytes) -> None:
-        body = _parse_object(raw)
-        path = _get_str(body, "model_path")
-        if not path:
-            raise _bad("model_path is required")
-        version = _get_str(body, "weight_version")
-        self.weight_version = version or _bump_version(self.weight_version)
+        body = parse_body(raw, "UpdateWeightFromDiskReqInput")
+        path, version = body.get("model_path"), body.get("weight_version")
+        if not isinstance(path, str) or not isinstance(version, (str, type(None))):
+            error = {"type": "missing", "loc": ("body", "model_path"), "msg": "Field required"}
+            if isinstance(path, str):
+                error = {"type": "string_type", "loc": ("body", "weight_version")}
+            raise validation_error([error])
+        if not await _has_weights(path, (self.weights_path, self.config.model_path)):
+            message = (
+                f"Failed to get weights iterator: Cannot find any model weights with `{path}`."
+            )
+            failed = {"success": False, "message": message, "num_paused_requests": 0}
+            await send_bytes(send, 400, orjson.dumps(failed))
+            return
         self.weights_path = path
-        result = {
-            "success": True,
-            "message": "Succeeded to update model weights.",
-            "weight_version": self.weight_version,
-            "num_paused_requests": 0,
-        }
-        await _send_bytes(send, 200, orjson.dumps(result))
-
-    async def _get_weight_version(self, receive: Receive, send: Send, raw: bytes) -> None:
-        await _send_bytes(send, 200, orjson.dumps({"weight_version": self.weight_version}))
+        message = "Succeeded to update model weights."
+        if version is not None:  # without one, SGLang keeps the version it had
+            self.weight_version = version
+            message += f" Weight version updated to {version}."
+        result = {"success": True, "message": message, "num_paused_requests": 0}
+        await send_bytes(send, 200, orjson.dumps(result))
 
     async def _sim_faults(self, receive: Receive, send: Send, raw: bytes) -> None:
         if raw.strip():
             try:
-                self.faults.update(_parse_object(raw))
-            except ValueError as exc:
-                raise _bad(str(exc)) from None
-        await _send_bytes(send, 200, orjson.dumps(self.faults.to_json()))
+                changes = orjson.loads(raw)
+                if not isinstance(changes, dict):
+                    raise ValueError("the body must be a JSON object")
+                self.faults.update(changes)
+            except ValueError as exc:  # orjson.JSONDecodeError is one
+                raise sim_error(400, str(exc)) from None
+        await send_bytes(send, 200, orjson.dumps(self.faults.to_json()))
 
     async def _sim_stats(self, receive: Receive, send: Send, raw: bytes) -> None:
-        await _send_bytes(send, 200, orjson.dumps(self.stats.to_json()))
+        await send_bytes(send, 200, orjson.dumps(self.stats.to_json()))
 
 
-@dataclass(frozen=True, slots=True)
-class _ChatCtx:
-    model: str
-    logprobs: bool
-    tool_name: str | None
-    include_usage: bool
+async def _has_weights(path: str, served: tuple[str, ...]) -> bool:
+    """Whether SGLang would find weights at ``path``: the served model, or a directory with
+    ``*.safetensors`` or ``*.bin`` files (the simulator reads none of them)."""
+    if path in served:
+        return True
+    directory = trio.Path(path)
+    if not await directory.is_dir():
+        return False
+    return any(p.suffix in (".safetensors", ".bin") for p in await directory.iterdir())
+
+
+def _int(body: Mapping[str, Any], key: str, default: int) -> int:
+    value = body.get(key)
+    return default if value is None else int(value)
 
 
 # ---------------------------------------------------------------- ASGI helpers
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None if the client disconnected first."""
-    message = await receive()
-    if message["type"] != "http.request":
-        return None
-    if not message.get("more_body", False):
-        body: bytes = message.get("body", b"")
-        return body
-    chunks = [message.get("body", b"")]
-    size = len(chunks[0])
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > MAX_BODY_BYTES:
-            raise _HTTPError(413, "request body too large")
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-#: SGLang 0.5.23's answer to a body not labelled ``application/json`` (curl's ``-d``).
-_NOT_JSON: Final = orjson.dumps(
-    {
-        "object": "error",
-        "message": "1 validation error: {'type': 'dataclass_type', 'loc': ('body',), "
-        "'msg': 'Input should be a dictionary or an instance of GenerateReqInput'}",
-        "type": "Bad Request",
-        "param": None,
-        "code": 400,
-    }
-)
-
-
-def _is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether the request says its body is JSON (``application/json``, parameters allowed)."""
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
-
-
-def _parse_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _bad(f"invalid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise _bad("request body must be a JSON object")
-    return body
-
-
-async def _send_bytes(
-    send: Send,
-    status: int,
-    body: bytes,
-    headers: tuple[tuple[bytes, bytes], ...] = (_CT_JSON,),
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, (b"content-length", b"%d" % len(body))],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _send_error(send: Send, err: _HTTPError) -> None:
-    await _send_bytes(send, err.status, _error_body(err.status, err.message, err.kind))
-
-
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, job: _Job) -> None:
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, job: Job) -> None:
     """Cancel ``scope`` when the client goes away before the response is complete."""
     while True:
         message = await receive()
@@ -1204,6 +750,7 @@ async def serve_sim_worker(
     if tokenizer is None:
         tokenizer = await trio.to_thread.run_sync(resolve_tokenizer, config.tokenizer)
     app = SimWorker(config, tokenizer, faults)
+    app.started_at = trio.current_time()
     hc = _Config()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]
