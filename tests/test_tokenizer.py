@@ -262,9 +262,6 @@ def test_corrupt_directory_is_a_config_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- simulated worker
 
 
-JSON_TYPE = (b"content-type", b"application/json")
-
-
 async def post(app: SimWorker, path: str, body: Mapping[str, Any]) -> Any:
     sent: list[Mapping[str, Any]] = []
     pending = [{"type": "http.request", "body": orjson.dumps(body), "more_body": False}]
