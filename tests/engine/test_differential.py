@@ -253,18 +253,41 @@ def shape(value: Any, key: str | None = None) -> Any:
 
 
 def stream_shape(events: list[Any]) -> dict[str, Any]:
-    """SSE framing: the first and last data events' shapes, the set of shapes in between,
-    and ``[DONE]`` last. SGLang merges events when it falls behind, so how many there are
-    is not compared (``response_sent_to_client_ts`` is on the first one only)."""
+    """SSE framing: the keys of the first data event, the last one's whole shape, and
+    ``[DONE]`` last. SGLang merges events when it falls behind (under load the first
+    token's event may be the one that finishes), so neither how many events there are
+    nor the value types of the earlier ones are compared."""
     done = bool(events) and events[-1] == "[DONE]"
     data = events[:-1] if done else events
     summary: dict[str, Any] = {"done": done, "any": bool(data)}
     if data:
-        summary["first"] = shape(data[0])
+        summary["first"] = keys_only(shape(data[0]))
         summary["last"] = shape(data[-1])
-    summary["middle"] = sorted({orjson.dumps(shape(e)).decode() for e in data[1:-1]})
     summary["errors"] = [e for e in data if isinstance(e, dict) and "error" in e]
     return summary
+
+
+def keys_only(value: Any) -> Any:
+    """A ``shape`` cut down to its keys, in order: the event's own, and those of the
+    objects in its lists (``choices``); everything below is left out (a merged event may
+    carry a value where another carries null)."""
+
+    def items(of: Any) -> Any:
+        return (
+            [k for k, _ in of] if isinstance(of, list) and of and isinstance(of[0], tuple) else "*"
+        )
+
+    if not (isinstance(value, list) and value and isinstance(value[0], tuple)):
+        return "*"
+    return [
+        (
+            k,
+            ["list", *(items(v) for v in v[1:])]
+            if isinstance(v, list) and v[:1] == ["list"]
+            else "*",
+        )
+        for k, v in value
+    ]
 
 
 @dataclass
