@@ -296,6 +296,16 @@ async def test_a_weight_update_shows_in_versions_and_gc_drops_the_old_ones(nurse
 # -- the retokenization cases, with a worker scripted to produce exact ids ----------------------
 
 
+async def scripted_cache_router(nursery: trio.Nursery, qwen3: Tokenizer, answer: bytes):  # type: ignore[no-untyped-def]
+    """A scripted upstream answering ``answer``, and a router with the token cache before it."""
+    upstream, url = await start_scripted(nursery)
+    upstream.script = Script(chunks=[answer])
+    running = await start_router(
+        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    )
+    return upstream, running
+
+
 def scripted_answer(qwen3: Tokenizer, ids: list[int], text: str | None = None) -> bytes:
     return orjson.dumps(
         {
@@ -361,11 +371,7 @@ async def test_each_token_gets_the_version_sglang_says_generated_it(nursery, cli
         {"version": "v1", "start": 0, "end": 2},
         {"version": "v2", "start": 2, "end": len(ids)},
     ]
-    upstream, url = await start_scripted(nursery)
-    upstream.script = Script(chunks=[orjson.dumps(answer)])
-    running = await start_router(
-        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
-    )
+    _upstream, running = await scripted_cache_router(nursery, qwen3, orjson.dumps(answer))
     with trio.fail_after(20):
         text = PROMPT + (await generate(client, running.url, PROMPT))["text"]
         got = await retrieve(client, running.url, text)
@@ -383,10 +389,8 @@ async def test_a_lone_partial_utf8_token_mid_answer_is_retrieved_exact(nursery, 
     text = qwen3.decode(ids)
     assert "\ufffd" in text
     assert not text.endswith("\ufffd")
-    upstream, url = await start_scripted(nursery)
-    upstream.script = Script(chunks=[scripted_answer(qwen3, ids, text)])
-    running = await start_router(
-        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    upstream, running = await scripted_cache_router(
+        nursery, qwen3, scripted_answer(qwen3, ids, text)
     )
     with trio.fail_after(20):
         answer = await generate(client, running.url, PROMPT)
@@ -558,10 +562,8 @@ async def test_a_run_of_lone_partial_tokens_at_the_end_comes_back_exact(nursery,
     ids = [144051, 144051, 30779, 144051, 150844, 144051, 150844, 15927, *[100988] * 8]
     text = "뭔뭔  \n  \n뭔ꪱ뭔ꪱ" + "\ufffd" * 9
     assert qwen3.decode(ids) == text
-    upstream, url = await start_scripted(nursery)
-    upstream.script = Script(chunks=[scripted_answer(qwen3, ids, text)])
-    running = await start_router(
-        nursery, tokenizer=qwen3, worker_urls=(url,), radix_tree_max_size=100_000
+    _upstream, running = await scripted_cache_router(
+        nursery, qwen3, scripted_answer(qwen3, ids, text)
     )
     with trio.fail_after(20):
         answer = await generate(client, running.url, PROMPT)
