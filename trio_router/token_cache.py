@@ -17,7 +17,6 @@ import logging
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -286,15 +285,17 @@ class TokenCache(Middleware):
             return match
         cached = self.trie.trajectory(match)
         ids, mask = cached.ids, cached.mask
-        ends = list(accumulate(len(self.tokenizer.token_bytes(i)) for i in ids))
+        # walk back from the end: ``offset`` is where token ``count - 1`` ends in ``key``
+        # (the search stops at the first generated token, so only prompt tokens, whose
+        # bytes are what they spell, are stepped over; most prompts stop at once)
+        offset = match.matched_bytes
         for count in range(len(ids), 0, -1):
             following = (
                 [(ids[count], mask[count] == 1)] if count < len(ids) else self.trie.following(match)
             )
-            if self._may_end_reuse(
-                ids[count - 1], mask[count - 1], following, text, key, ends[count - 1]
-            ):
+            if self._may_end_reuse(ids[count - 1], mask[count - 1], following, text, key, offset):
                 return match if count == len(ids) else self.trie.shortened(match, count)
+            offset -= len(self.tokenizer.token_bytes(ids[count - 1]))
         return Match([], 0)
 
     def _may_end_reuse(
